@@ -1,0 +1,98 @@
+"""The registry interface: what every backend (sqlite, redis, memory) provides."""
+
+from __future__ import annotations
+
+import abc
+import base64
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+DEFAULT_STEP = 30
+DEFAULT_DIGITS = 6
+# 160 bits, the size RFC 4226 recommends for an HMAC-SHA1 secret.
+SECRET_BYTES = 20
+
+
+def new_secret() -> str:
+    """A fresh random base32 TOTP secret (no padding)."""
+    return base64.b32encode(secrets.token_bytes(SECRET_BYTES)).decode("ascii").rstrip("=")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One hidden server the relay knows: its ID and the TOTP parameters it parks with."""
+
+    uuid: str
+    base32: str
+    step: int = DEFAULT_STEP
+    digits: int = DEFAULT_DIGITS
+    label: str = ""
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+
+    def rotated(self) -> Entry:
+        """The same entry with a new secret."""
+        return replace(self, base32=new_secret(), updated=time.time())
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON record, in node-rendezvous's layout plus our own fields."""
+        return {
+            "uuid": self.uuid,
+            "label": self.label,
+            "created": self.created,
+            "updated": self.updated,
+            "authParams": {"base32": self.base32, "step": self.step, "digits": self.digits},
+        }
+
+    @classmethod
+    def from_record(cls, uuid: str, record: dict[str, Any]) -> Entry:
+        """Read a record written by us or by node-rendezvous (which has only ``authParams``)."""
+        auth = record["authParams"]
+        created = float(record.get("created") or 0.0)
+        return cls(
+            uuid=uuid,
+            base32=str(auth["base32"]),
+            step=int(auth.get("step") or DEFAULT_STEP),
+            digits=int(auth.get("digits") or DEFAULT_DIGITS),
+            label=str(record.get("label") or ""),
+            created=created,
+            updated=float(record.get("updated") or created),
+        )
+
+
+class Registry(abc.ABC):
+    """Where hidden servers' IDs and secrets live. Changes take effect at once for every reader.
+
+    Every method may raise :class:`~rendezvous.errors.RegistryError` when the backend fails.
+    """
+
+    url: str
+
+    @abc.abstractmethod
+    async def get(self, uuid: str) -> Entry | None:
+        """The entry with this ID, or None."""
+
+    @abc.abstractmethod
+    async def add(self, entry: Entry) -> None:
+        """Store a new entry; raise DuplicateEntry if the ID exists."""
+
+    @abc.abstractmethod
+    async def replace(self, entry: Entry) -> None:
+        """Overwrite an existing entry (a rotation); raise UnknownEntry if it does not exist."""
+
+    @abc.abstractmethod
+    async def remove(self, uuid: str) -> None:
+        """Delete an entry; raise UnknownEntry if it does not exist."""
+
+    @abc.abstractmethod
+    async def list(self) -> list[Entry]:
+        """Every entry, oldest first."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise RegistryError if the backend is unreachable."""
+
+    async def close(self) -> None:  # noqa: B027 - optional for backends without resources
+        """Release connections and files."""
