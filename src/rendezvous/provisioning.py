@@ -1,0 +1,172 @@
+"""Provisioning files: what a hidden server needs to park at the relay (PROTOCOL.md §5).
+
+The file holds the hidden server's TOTP secret, so it is written readable by its owner only.
+Shape (field names fixed; readers ignore fields they do not know)::
+
+    {"uuid": "...", "label": "...",
+     "server": {"host": "...", "port": 8899, "ca": "-----BEGIN CERTIFICATE-----..."},
+     "authParams": {"base32": "...", "step": 30, "digits": 6}}
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rendezvous.errors import ProvisioningError
+from rendezvous.registry.base import DEFAULT_DIGITS, DEFAULT_STEP, Entry
+
+# TOTP codes shorter than 6 digits are refused by the relay (PROTOCOL.md §1); RFC 4226 stops at 8.
+MIN_DIGITS, MAX_DIGITS = 6, 8
+
+
+@dataclass(frozen=True, slots=True)
+class Provisioning:
+    """A provisioning file, read and checked: where to park and how to make the token."""
+
+    uuid: str
+    label: str
+    host: str
+    port: int
+    ca_pem: str | None  # None: the relay's certificate chains to a public CA
+    base32: str
+    step: int
+    digits: int
+
+
+def provisioning_document(
+    entry: Entry, host: str, port: int, ca_pem: str | None
+) -> dict[str, Any]:
+    """The §5 JSON document for ``entry`` on the relay at ``host``:``port``.
+
+    ``ca_pem`` is the PEM the hidden server must trust for the relay; None leaves ``server.ca``
+    out (the relay's certificate chains to a public CA).
+    """
+    server: dict[str, Any] = {"host": host, "port": port}
+    if ca_pem is not None:
+        server["ca"] = ca_pem
+    return {
+        "uuid": entry.uuid,
+        "label": entry.label,
+        "server": server,
+        "authParams": {"base32": entry.base32, "step": entry.step, "digits": entry.digits},
+    }
+
+
+def write_provisioning(doc: dict[str, Any], path: Path | str) -> None:
+    """Write ``doc`` as JSON to ``path``, mode 0600, replacing any file there atomically.
+
+    Missing parent folders are created (mode 0700). Raises ProvisioningError when the file
+    cannot be written.
+    """
+    target = Path(path)
+    data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+    try:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # mkstemp creates the file 0600; a rename then swaps it in whole, so neither a reader nor
+        # a crash ever sees a half-written secret, and an old file's wider mode is not inherited.
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise ProvisioningError(
+            f"cannot write provisioning file {target}: {exc.strerror or exc}"
+        ) from exc
+
+
+def load_provisioning(path: Path | str) -> Provisioning:
+    """Read and check the provisioning file at ``path``.
+
+    Required: ``uuid``, ``server.host``, ``server.port``, ``authParams.base32``. Optional:
+    ``label`` (""), ``server.ca`` (None), ``authParams.step`` (30), ``authParams.digits`` (6).
+    Raises ProvisioningError naming the file and the first problem found.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ProvisioningError(f"cannot read provisioning file {path}: {reason}") from exc
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ProvisioningError(f"provisioning file {path} is not valid JSON: {exc}") from exc
+    try:
+        return parse_provisioning(doc)
+    except ProvisioningError as exc:
+        raise ProvisioningError(f"provisioning file {path}: {exc}") from None
+
+
+def parse_provisioning(doc: Any) -> Provisioning:
+    """Check a decoded §5 document (see :func:`load_provisioning`) and return its facts."""
+    top = _object(doc, "the document")
+    server = _object(_field(top, "server", "server"), "server")
+    auth = _object(_field(top, "authParams", "authParams"), "authParams")
+
+    uuid = _string(_field(top, "uuid", "uuid"), "uuid")
+    host = _string(_field(server, "host", "server.host"), "server.host")
+    port = _integer(_field(server, "port", "server.port"), "server.port", 1, 65535)
+    base32 = _string(_field(auth, "base32", "authParams.base32"), "authParams.base32")
+    _check_base32(base32)
+
+    label = top.get("label", "")
+    if not isinstance(label, str):
+        raise ProvisioningError("label must be a string")
+    ca = server.get("ca")
+    if ca is not None and (not isinstance(ca, str) or "-----BEGIN CERTIFICATE-----" not in ca):
+        raise ProvisioningError("server.ca must be a PEM certificate")
+    step = _integer(auth.get("step", DEFAULT_STEP), "authParams.step", 1, 24 * 3600)
+    digits = _integer(auth.get("digits", DEFAULT_DIGITS), "authParams.digits", MIN_DIGITS, MAX_DIGITS)
+    return Provisioning(
+        uuid=uuid,
+        label=label,
+        host=host,
+        port=port,
+        ca_pem=ca,
+        base32=base32,
+        step=step,
+        digits=digits,
+    )
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProvisioningError(f"{where} must be a JSON object")
+    return value
+
+
+def _field(obj: dict[str, Any], key: str, where: str) -> Any:
+    if key not in obj or obj[key] is None:
+        raise ProvisioningError(f"missing field {where}")
+    return obj[key]
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ProvisioningError(f"{where} must be a non-empty string")
+    return value
+
+
+def _integer(value: Any, where: str, low: int, high: int) -> int:
+    # bool is an int in Python, but `"port": true` is a broken file, not port 1.
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ProvisioningError(f"{where} must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def _check_base32(secret: str) -> None:
+    padded = secret + "=" * (-len(secret) % 8)
+    try:
+        base64.b32decode(padded, casefold=True)
+    except (binascii.Error, ValueError):
+        raise ProvisioningError("authParams.base32 is not a base32 secret") from None

@@ -1,0 +1,169 @@
+"""A registry in Redis, in node-rendezvous's own layout: for several relay nodes, or its old data.
+
+Layout [compat]: the key is the ID itself and the value is a JSON record,
+``{"authParams": {"base32": ..., "step": ..., "digits": ...}, "label": ..., "created": ...,
+"updated": ..., "uuid": ...}``. The original wrote only ``authParams`` (``base32`` and ``step``);
+:meth:`Entry.from_record` fills in the rest. The database may hold other data too: any key whose
+value is not such a record is not an entry, and is neither listed nor returned by ``get()``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from rendezvous.errors import DuplicateEntry, RegistryError, UnknownEntry
+from rendezvous.registry.base import Entry, Registry
+
+# An unreachable Redis should fail a CONNECT or a CLI command within seconds, not hang it.
+CONNECT_TIMEOUT = 3.0
+# A reply slower than this means Redis is stuck; better a clear error than a frozen relay.
+COMMAND_TIMEOUT = 5.0
+# One immediate retry on a fresh connection rides over a Redis restart (pooled sockets go stale)
+# without multiplying the wait when Redis is really gone.
+RETRIES = 1
+# Keys per SCAN step and per MGET: big enough to be few round trips, small enough to keep Redis
+# responsive to other clients.
+BATCH = 500
+
+_T = TypeVar("_T")
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, fit for error messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def decode_entry(key: bytes | str, value: bytes | str | None) -> Entry | None:
+    """The entry stored as ``value`` under ``key``, or None if it is not one of ours."""
+    try:
+        uuid = key.decode("utf-8") if isinstance(key, bytes) else key
+        if value is None:
+            return None
+        record = json.loads(value)
+        if not isinstance(record, dict):
+            return None
+        auth = record.get("authParams")
+        if not isinstance(auth, dict) or not isinstance(auth.get("base32"), str):
+            return None
+        return Entry.from_record(uuid, record)
+    except (UnicodeDecodeError, ValueError, TypeError):
+        # Not UTF-8, not JSON, or a field of the wrong type: someone else's data.
+        return None
+
+
+def _batches(items: Iterable[_T], size: int) -> Iterable[list[_T]]:
+    batch: list[_T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class RedisRegistry(Registry):
+    """Entries as JSON strings in one Redis database, shared with other relay nodes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._shown = redacted(url)
+        try:
+            # Bytes in and out: keys written by others need not be UTF-8, and a decode error must
+            # skip one key, not fail a whole SCAN.
+            self._client: aioredis.Redis = aioredis.Redis.from_url(
+                url,
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                socket_timeout=COMMAND_TIMEOUT,
+                retry=Retry(NoBackoff(), RETRIES),
+                decode_responses=False,
+            )
+        except ValueError as exc:
+            raise RegistryError(f"registry {self._shown}: bad URL: {exc}") from exc
+
+    async def _call(self, op: Callable[[], Awaitable[_T]]) -> _T:
+        """Run one Redis operation, turning its failures into RegistryError."""
+        try:
+            return await op()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise RegistryError(f"registry {self._shown} unreachable: {exc}") from exc
+        except redis.exceptions.RedisError as exc:
+            raise RegistryError(f"registry {self._shown} failed: {exc}") from exc
+
+    async def _get_raw(self, uuid: str) -> bytes | str | None:
+        try:
+            value: bytes | str | None = await self._client.get(uuid)
+        except redis.exceptions.ResponseError as exc:
+            # WRONGTYPE: the key holds a hash, list, ... — someone else's data, not an entry.
+            if str(exc).startswith("WRONGTYPE"):
+                return None
+            raise
+        return value
+
+    async def get(self, uuid: str) -> Entry | None:
+        value = await self._call(lambda: self._get_raw(uuid))
+        return decode_entry(uuid, value)
+
+    async def add(self, entry: Entry) -> None:
+        data = json.dumps(entry.to_record())
+        # SET NX: only one of two concurrent adds of the same ID can win.
+        created = await self._call(lambda: self._client.set(entry.uuid, data, nx=True))
+        if not created:
+            raise DuplicateEntry(entry.uuid)
+
+    async def replace(self, entry: Entry) -> None:
+        data = json.dumps(entry.to_record())
+        # SET XX: never resurrect an entry another node has just removed.
+        replaced = await self._call(lambda: self._client.set(entry.uuid, data, xx=True))
+        if not replaced:
+            raise UnknownEntry(entry.uuid)
+
+    async def remove(self, uuid: str) -> None:
+        removed: int = await self._call(lambda: self._client.delete(uuid))
+        if removed == 0:
+            raise UnknownEntry(uuid)
+
+    async def _scan(self) -> list[Entry]:
+        # SCAN may return a key more than once; a set keeps one of each.
+        keys: set[bytes] = set()
+        async for key in self._client.scan_iter(count=BATCH):
+            keys.add(key)
+        entries: list[Entry] = []
+        for batch in _batches(sorted(keys), BATCH):
+            # MGET gives None for keys that vanished meanwhile or hold a non-string type.
+            values: list[Any] = await self._client.mget(batch)
+            for key, value in zip(batch, values, strict=True):
+                entry = decode_entry(key, value)
+                if entry is not None:
+                    entries.append(entry)
+        return entries
+
+    async def list(self) -> list[Entry]:
+        entries = await self._call(self._scan)
+        # Redis keeps no insertion order; the ID breaks ties between equal timestamps.
+        return sorted(entries, key=lambda e: (e.created, e.uuid))
+
+    async def ping(self) -> None:
+        await self._call(self._client.ping)
+
+    async def close(self) -> None:
+        # aclose() arrived in redis-py 5.0.1; close() is its deprecated older name.
+        aclose = getattr(self._client, "aclose", None)
+        await (aclose() if aclose is not None else self._client.close())

@@ -1,0 +1,196 @@
+"""The embedded default registry: one SQLite file, shared with the ``rendezvous users`` CLI.
+
+The server and the CLI may have the same file open at once, in different processes. WAL journal
+mode lets the server's readers go on while the CLI writes, and nothing is cached here, so a change
+the CLI commits is seen by the very next ``get()``.
+
+Every call runs synchronously on the caller's thread (the event loop, in the server):
+
+- ``get()`` is a single-row primary-key SELECT, a few microseconds. In WAL mode a reader never
+  waits for a writer, so it cannot stall the loop behind the CLI. Handing it to a thread pool would
+  cost more than the query.
+- Writes are rare operator actions; the busy timeout bounds how long one may wait for another
+  process's write lock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from rendezvous.errors import ConfigError, DuplicateEntry, RegistryError, UnknownEntry
+from rendezvous.registry.base import Entry, Registry
+
+# How long a statement waits for another connection's lock before failing. Only writers contend
+# (the CLI against a rotation from the admin page), and each holds the lock for milliseconds.
+BUSY_TIMEOUT_MS = 5000
+
+_SCHEME = "sqlite:"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    uuid    TEXT PRIMARY KEY,
+    base32  TEXT NOT NULL,
+    step    INTEGER NOT NULL,
+    digits  INTEGER NOT NULL,
+    label   TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+)
+"""
+
+_COLUMNS = "uuid, base32, step, digits, label, created, updated"
+
+
+def path_from_url(url: str) -> Path:
+    """The database file named by a ``sqlite:`` URL.
+
+    ``sqlite:///abs/file`` and ``sqlite:////abs/file`` name an absolute path; ``sqlite://rel/file``
+    and ``sqlite:rel/file`` name a path relative to the current directory.
+    """
+    if not url.startswith(_SCHEME):
+        raise ConfigError(f"not a sqlite registry URL: {url!r}")
+    rest = url[len(_SCHEME) :]
+    if rest.startswith("//"):
+        # The authority part is always empty for a local file; drop the "//" that introduces it.
+        rest = rest[2:]
+    if rest.startswith("/"):
+        # Collapse "////abs" (SQLAlchemy's absolute form, which config.py emits) to "/abs".
+        rest = "/" + rest.lstrip("/")
+    if "?" in rest or "#" in rest:
+        raise ConfigError(f"sqlite registry URL {url!r}: query strings are not supported")
+    if rest in ("", "/"):
+        raise ConfigError(f"sqlite registry URL {url!r} names no file")
+    return Path(rest)
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    uuid, base32, step, digits, label, created, updated = row
+    return Entry(
+        uuid=uuid,
+        base32=base32,
+        step=int(step),
+        digits=int(digits),
+        label=label or "",
+        created=float(created),
+        updated=float(updated),
+    )
+
+
+class SQLiteRegistry(Registry):
+    """Entries in a table of a SQLite file; the file and its folder are created on first use."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = path_from_url(url)
+        self._conn: sqlite3.Connection | None = None
+
+    def _error(self, action: str, exc: BaseException) -> RegistryError:
+        return RegistryError(f"registry {self.path}: cannot {action}: {exc}")
+
+    def _connect(self) -> sqlite3.Connection:
+        """The open connection, opening the file and creating the table the first time."""
+        if self._conn is not None:
+            return self._conn
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._error("create its folder", exc) from exc
+        try:
+            # timeout= is SQLite's busy_timeout. isolation_level=None: autocommit, so no read
+            # transaction is ever left open and each SELECT sees what other processes committed.
+            # check_same_thread=False: SQLite serialises access itself, and callers may hop threads.
+            conn = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise self._error("open", exc) from exc
+        try:
+            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            conn.execute(_SCHEMA)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._error("open", exc) from exc
+        self._conn = conn
+        return conn
+
+    def _query(self, action: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        conn = self._connect()
+        try:
+            # fetchall() steps the statement to its end, which resets it and ends the implicit
+            # read transaction: a half-read cursor would pin an old snapshot of the WAL.
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error(action, exc) from exc
+
+    def _change(self, action: str, sql: str, params: tuple[Any, ...]) -> int:
+        """Run one write statement; the number of rows it changed."""
+        conn = self._connect()
+        try:
+            return conn.execute(sql, params).rowcount
+        except sqlite3.Error as exc:
+            raise self._error(action, exc) from exc
+
+    async def get(self, uuid: str) -> Entry | None:
+        rows = self._query("read", f"SELECT {_COLUMNS} FROM entries WHERE uuid = ?", (uuid,))
+        return _entry(rows[0]) if rows else None
+
+    async def add(self, entry: Entry) -> None:
+        conn = self._connect()
+        try:
+            conn.execute(
+                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.uuid,
+                    entry.base32,
+                    entry.step,
+                    entry.digits,
+                    entry.label,
+                    entry.created,
+                    entry.updated,
+                ),
+            )
+        except sqlite3.IntegrityError as exc:
+            # The primary key is the only constraint a well-formed Entry can violate.
+            raise DuplicateEntry(entry.uuid) from exc
+        except sqlite3.Error as exc:
+            raise self._error("write", exc) from exc
+
+    async def replace(self, entry: Entry) -> None:
+        changed = self._change(
+            "write",
+            "UPDATE entries SET base32 = ?, step = ?, digits = ?, label = ?, created = ?,"
+            " updated = ? WHERE uuid = ?",
+            (
+                entry.base32,
+                entry.step,
+                entry.digits,
+                entry.label,
+                entry.created,
+                entry.updated,
+                entry.uuid,
+            ),
+        )
+        if changed == 0:
+            raise UnknownEntry(entry.uuid)
+
+    async def remove(self, uuid: str) -> None:
+        if self._change("write", "DELETE FROM entries WHERE uuid = ?", (uuid,)) == 0:
+            raise UnknownEntry(uuid)
+
+    async def list(self) -> list[Entry]:
+        # rowid breaks ties between equal timestamps in insertion order, as the memory backend does.
+        rows = self._query("read", f"SELECT {_COLUMNS} FROM entries ORDER BY created, rowid")
+        return [_entry(row) for row in rows]
+
+    async def ping(self) -> None:
+        self._query("read", "SELECT 1 FROM entries LIMIT 1")
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()

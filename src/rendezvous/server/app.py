@@ -1,0 +1,158 @@
+"""The listener: bind, accept with TLS, shut down; and ``run()`` for the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import signal
+import ssl
+import sys
+from collections.abc import Callable
+
+from rendezvous import logs
+from rendezvous.config import ServerConfig
+from rendezvous.registry import Registry, open_registry
+from rendezvous.server.connection import Connection
+from rendezvous.server.hub import Hub
+from rendezvous.tls import server_ssl_context
+
+# Seconds that active pairings get to finish after SIGINT/SIGTERM before they are cut.
+SHUTDOWN_GRACE = 10.0
+LISTEN_BACKLOG = 1024
+
+
+class RendezvousServer:
+    """A running rendezvous server: ``await start()``, then ``await close()``.
+
+    Tests and embedding applications use it directly (``port=0`` picks a free port, see
+    :attr:`port`); ``rendezvous serve`` wraps it in :func:`run`.
+    """
+
+    def __init__(self, config: ServerConfig, registry: Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry if registry is not None else open_registry(config.registry_url)
+        self._owns_registry = registry is None
+        self.hub: Hub | None = None
+        self._server: asyncio.Server | None = None
+        self.ssl_context: ssl.SSLContext | None = (
+            server_ssl_context(config.tls) if config.tls is not None else None
+        )
+
+    @property
+    def port(self) -> int:
+        """The port bound (useful when the config asked for port 0)."""
+        assert self._server is not None, "server not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def addresses(self) -> list[str]:
+        """Every address listened on, as ``host:port``."""
+        assert self._server is not None, "server not started"
+        found = []
+        for sock in self._server.sockets:
+            host, port = sock.getsockname()[:2]
+            found.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return found
+
+    async def start(self) -> None:
+        """Bind and start accepting."""
+        loop = asyncio.get_running_loop()
+        config = self.config
+        hub = Hub(self.registry, config.limits, loop, tls=self.ssl_context is not None)
+        self.hub = hub
+        factory: Callable[[], Connection] = lambda: Connection(hub)  # noqa: E731
+        self._server = await loop.create_server(
+            factory,
+            host=config.host or None,
+            port=config.port,
+            ssl=self.ssl_context,
+            # A peer that never finishes its handshake is held no longer than one that never
+            # finishes its request head.
+            ssl_handshake_timeout=config.limits.head_timeout if self.ssl_context else None,
+            backlog=LISTEN_BACKLOG,
+            reuse_address=True,
+        )
+        logs.event("listening", addresses=",".join(self.addresses),
+                   tls="on" if self.ssl_context else "off", registry=self.registry.url)
+
+    async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop accepting, close parked connections, let active pairings finish for
+        ``grace`` seconds, then release the registry."""
+        if self._server is not None:
+            self._server.close()
+        hub = self.hub
+        if hub is not None:
+            hub.close_parked()
+            deadline = hub.loop.time() + grace
+            while hub.active_pairs > 0 and hub.loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        if self._owns_registry:
+            await self.registry.close()
+        if self._server is not None:
+            # Python 3.12+ waits for connections here; bound it so a stuck peer can't hang us.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+
+    async def __aenter__(self) -> RendezvousServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close(grace=0)
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; each connection needs one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop when available and wanted (its TLS costs a tenth of asyncio's per connection)."""
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            logs.event("uvloop unavailable, using asyncio's loop", level=logging.WARNING)
+        else:
+            return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
+
+
+async def serve_until_signalled(config: ServerConfig) -> None:
+    """Run the server until SIGINT or SIGTERM, then shut down gracefully."""
+    server = RendezvousServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        logs.event("stopping", active_pairs=server.hub.active_pairs if server.hub else 0)
+        await server.close()
+        logs.event("stopped")
+
+
+def run(config: ServerConfig) -> int:
+    """Run ``rendezvous serve`` to completion; returns the process exit status."""
+    logs.configure_logging(config.log_format)
+    limit = raise_open_file_limit()
+    if limit < config.limits.max_connections + 64:
+        logs.event("open-file limit below max connections", level=logging.WARNING,
+                   limit=limit, max_connections=config.limits.max_connections)
+    try:
+        with asyncio.Runner(loop_factory=loop_factory(config.use_uvloop)) as runner:
+            runner.run(serve_until_signalled(config))
+    except OSError as exc:
+        print(f"rendezvous: error: cannot listen on {config.host}:{config.port}: {exc}",
+              file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,457 @@
+"""One accepted connection, from its first byte to its close.
+
+A connection starts by sending a request head. A ``CONNECT`` makes it a *hidden* leg: once its
+token checks out it is parked in its ID's pool. Any other request makes it a *mobile* leg, which
+takes a parked connection of the ID it names. Paired legs then relay raw bytes both ways.
+
+Everything is callback-driven (an ``asyncio.Protocol``, no task and no buffer per parked
+connection) because a relay holds thousands of idle parked connections and must move bytes with
+as little Python per chunk as possible: the relaying path is two lines in ``data_received``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import cast
+
+from rendezvous import logs
+from rendezvous.errors import RegistryError
+from rendezvous.protocol import responses
+from rendezvous.protocol.head import (
+    HeadError,
+    HeadTooLarge,
+    RequestHead,
+    find_head_end,
+    parse_head,
+)
+from rendezvous.protocol.routing import (
+    DIAG_EARLY_DATA,
+    DIAG_INVALID,
+    DIAG_NOT_REGISTERED,
+    Challenge,
+    Pair,
+    Park,
+    Refuse,
+    route,
+)
+from rendezvous.protocol.totp import token_is_valid
+from rendezvous.server.hub import Hub
+
+# States. A connection only moves forward through these, except a mobile leg that is refused
+# on a keep-alive connection, which goes back to HEAD for the client's next request.
+HEAD = 0  # reading a request head
+VERIFYING = 1  # hidden: CONNECT head read, token being checked against the registry
+PARKED = 2  # hidden: in its ID's pool
+WAITING = 3  # mobile: no parked connection yet; waiting up to pair_wait
+SETTLING = 4  # both legs: paired, waiting for the just-parked hidden leg to settle
+RELAYING = 5  # both legs: copying bytes
+CLOSED = 6
+
+# A mobile client waiting for its pairing may keep sending its body; we hold this much, then
+# stop reading until the pairing starts (the bytes then flow with back-pressure).
+WAITING_BUFFER_LIMIT = 256 * 1024
+
+# Keepalive probes on parked connections: notice a dead NAT mapping within ~2 minutes.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 20
+KEEPALIVE_COUNT = 3
+
+
+class Connection(asyncio.Protocol):
+    """The protocol object of one accepted socket, hidden or mobile."""
+
+    __slots__ = (
+        "buffer",
+        "eof",
+        "head",
+        "hub",
+        "peer",
+        "peername",
+        "received",
+        "reading_paused",
+        "scanned",
+        "since",
+        "skip",
+        "state",
+        "timer",
+        "transport",
+        "uuid",
+        "writing_paused",
+    )
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.transport: asyncio.Transport = cast(asyncio.Transport, None)
+        self.state = HEAD
+        self.buffer = bytearray()
+        self.scanned = 0  # how much of buffer was searched for the head's end
+        self.skip = 0  # body bytes of a refused request still to discard
+        self.timer: asyncio.TimerHandle | None = None
+        self.head: RequestHead | None = None
+        self.uuid = ""
+        self.peer: Connection | None = None
+        self.peername: tuple[str, int] | None = None
+        self.received = 0  # bytes read from this leg and sent on (after pairing)
+        self.since = 0.0  # loop time of parking, or of pairing
+        self.eof = False
+        self.reading_paused = False
+        self.writing_paused = False
+
+    # asyncio callbacks ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        hub = self.hub
+        hub.open_connections += 1
+        peername = transport.get_extra_info("peername")
+        self.peername = (str(peername[0]), int(peername[1])) if peername else None
+        if hub.open_connections > hub.limits.max_connections:
+            self._reject("too many connections", responses.status_only(503))
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Nagle cost the original ~40 ms on every small write; asyncio usually sets this
+            # already, but a relay must not depend on it.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == RELAYING:  # the hot path
+            self.received += len(data)
+            self.peer.transport.write(data)  # type: ignore[union-attr]
+            return
+        self._data_before_relay(data)
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        if self.state == RELAYING:
+            peer = self.peer
+            assert peer is not None
+            if peer.eof or peer.state == CLOSED:
+                self._close()
+                return None
+            if peer.transport.can_write_eof():
+                peer.transport.write_eof()
+            else:
+                # TLS transports cannot half-close: flush what we sent and close.
+                peer.transport.close()
+            # Plain TCP: keep reading the other direction. (TLS ignores this and closes.)
+            return not self.hub.tls
+        if self.state in (WAITING, SETTLING) and not self.hub.tls:
+            return True  # half-closed after its request: the EOF is passed on once paired
+        self._close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        hub = self.hub
+        hub.open_connections -= 1
+        state, self.state = self.state, CLOSED
+        self._cancel_timer()
+        if state == RELAYING:
+            self._relay_leg_lost()
+        elif state == PARKED:
+            hub.unpark(self)
+            logs.event("unparked", id=self.uuid, peer=self._peer_text(),
+                       parked_for=f"{hub.loop.time() - self.since:.1f}s")
+        elif state == WAITING:
+            hub.stop_waiting(self)
+        elif state == SETTLING:
+            peer = self.peer
+            assert peer is not None
+            self.peer = peer.peer = None
+            if peer.state != SETTLING:
+                return
+            if self.head is not None:  # a mobile client left before its pairing began
+                peer._cancel_timer()
+                peer.state = PARKED
+                hub.return_to_pool(peer)
+            else:  # the parked connection died during its settle: find the client another
+                peer._request_pairing()
+
+    def pause_writing(self) -> None:
+        # Our outgoing buffer is full: stop reading from the leg that fills it.
+        self.writing_paused = True
+        peer = self.peer
+        if self.state == RELAYING and peer is not None:
+            peer.transport.pause_reading()
+        elif self.state == HEAD:
+            self.transport.pause_reading()  # a client pipelining requests it won't read
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        peer = self.peer
+        if self.state == RELAYING and peer is not None:
+            if peer.state == RELAYING:
+                peer.transport.resume_reading()
+        elif self.state == HEAD:
+            self.transport.resume_reading()
+            self._process_heads()
+
+    # Before relaying -----------------------------------------------------------------------
+
+    def _data_before_relay(self, data: bytes) -> None:
+        state = self.state
+        if state == HEAD:
+            self.buffer += data
+            self._process_heads()
+        elif state in (WAITING, SETTLING):
+            self.buffer += data
+            if len(self.buffer) > WAITING_BUFFER_LIMIT and not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pause_reading()
+        elif state == VERIFYING:
+            self._reject("data before CONNECT answer",
+                         responses.bare_error(409, DIAG_EARLY_DATA), status=409)
+        elif state == PARKED:
+            # A parked connection speaks only after pairing; anything else is a confused peer.
+            self.hub.unpark(self)
+            self._reject("data while parked")
+
+    def _process_heads(self) -> None:
+        """Handle every complete head in the buffer (a client may pipeline its retry)."""
+        limits = self.hub.limits
+        while self.state == HEAD and self.buffer and not self.writing_paused:
+            if self.skip:
+                dropped = min(self.skip, len(self.buffer))
+                self.skip -= dropped
+                del self.buffer[:dropped]
+                continue
+            try:
+                end = find_head_end(self.buffer, limits.max_head_size, self.scanned)
+                if end < 0:
+                    self.scanned = len(self.buffer)
+                    return
+                head = parse_head(bytes(self.buffer[:end]), limits.max_headers)
+            except HeadError as exc:
+                status = exc.status
+                body = (responses.status_only(status) if isinstance(exc, HeadTooLarge)
+                        else responses.full_error(status, exc.reason, permanent=True, close=True))
+                self._reject(exc.reason, body, status=status)
+                return
+            del self.buffer[:end]
+            self.scanned = 0
+            self._dispatch(head)
+
+    def _dispatch(self, head: RequestHead) -> None:
+        decision = route(head)
+        if isinstance(decision, Park):
+            self.uuid = decision.uuid
+            if self.buffer:
+                self._reject("data before CONNECT answer",
+                             responses.bare_error(409, DIAG_EARLY_DATA), status=409)
+                return
+            self.state = VERIFYING
+            self.hub.spawn(self._verify(decision))
+        elif isinstance(decision, Pair):
+            self.uuid = decision.uuid
+            self.head = head
+            self._request_pairing()
+        elif isinstance(decision, Challenge):
+            close = head.is_upgrade or not head.keep_alive
+            self.transport.write(responses.challenge(head.is_upgrade, close))
+            self._finish_refused(head, close)
+        elif isinstance(decision, Refuse):
+            if head.method == "CONNECT" or head.is_upgrade:
+                body = responses.bare_error(decision.status, decision.diagnostic,
+                                            decision.permanent)
+                self._reject(decision.diagnostic, body, status=decision.status)
+                return
+            close = not head.keep_alive
+            self.transport.write(responses.full_error(
+                decision.status, decision.diagnostic, decision.permanent, close))
+            self._note_rejection(decision.diagnostic, decision.status)
+            self._finish_refused(head, close)
+
+    def _finish_refused(self, head: RequestHead, close: bool) -> None:
+        """After answering a request ourselves: close, or skip its body and read the next."""
+        if close or head.has_unframed_body:
+            self._close()
+            return
+        self.state = HEAD
+        self.head = None
+        self.skip = head.content_length or 0
+        self._arm_head_timer()
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    # Hidden side ---------------------------------------------------------------------------
+
+    async def _verify(self, park: Park) -> None:
+        """Check the CONNECT token, then park or refuse."""
+        hub = self.hub
+        try:
+            entry = await hub.registry.get(park.uuid)
+        except Exception as exc:  # any backend failure must cost this peer only
+            if not isinstance(exc, RegistryError):
+                logs.log.exception("registry lookup failed")
+            if self.state == VERIFYING:
+                self._reject(f"registry error: {exc}",
+                             responses.bare_error(503, "registry unavailable"), status=503)
+            return
+        if self.state != VERIFYING:
+            return  # the peer left, or broke the protocol, while we looked it up
+        if entry is None or not token_is_valid(entry.base32, entry.step, park.token):
+            reason = "unknown ID" if entry is None else "wrong token"
+            self._reject(reason, responses.bare_error(401, DIAG_INVALID), status=401)
+            return
+        self._cancel_timer()
+        self.transport.write(responses.PARKED)
+        self.state = PARKED
+        self.since = hub.loop.time()
+        self._enable_keepalive()
+        hub.stats.parked += 1
+        hub.park(self)
+        logs.event("parked", id=self.uuid, peer=self._peer_text(),
+                   pool=hub.parked_count(self.uuid))
+
+    def _enable_keepalive(self) -> None:
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+    def evict(self) -> None:
+        """Close a parked connection the pool no longer keeps."""
+        if self.state == PARKED:
+            logs.event("evicted", id=self.uuid, peer=self._peer_text())
+            self._close()
+
+    # Mobile side ---------------------------------------------------------------------------
+
+    def _request_pairing(self) -> None:
+        hub = self.hub
+        self._cancel_timer()
+        hidden = hub.take(self.uuid)
+        if hidden is not None:
+            self.pair_with(hidden)
+        elif hub.limits.pair_wait > 0:
+            self.state = WAITING
+            hub.wait_for(self)
+            self.timer = hub.loop.call_later(hub.limits.pair_wait, self._not_found)
+        else:
+            self._not_found()
+
+    def _not_found(self) -> None:
+        """No parked connection came for this ID in time: 404."""
+        head = self.head
+        assert head is not None
+        self.timer = None
+        self.hub.stop_waiting(self)
+        if head.is_upgrade:
+            self._reject(DIAG_NOT_REGISTERED,
+                         responses.bare_error(404, DIAG_NOT_REGISTERED), status=404)
+            return
+        close = not head.keep_alive
+        self.transport.write(responses.full_error(404, DIAG_NOT_REGISTERED, close=close))
+        self._note_rejection(DIAG_NOT_REGISTERED, 404)
+        self._finish_refused(head, close)
+        self._process_heads()
+
+    def pair_with(self, hidden: Connection) -> None:
+        """Pair this mobile leg with a parked hidden leg, after the hidden leg has settled."""
+        hub = self.hub
+        self._cancel_timer()
+        self.peer, hidden.peer = hidden, self
+        self.state = hidden.state = SETTLING
+        settle = hidden.since + hub.limits.settle - hub.loop.time()
+        if settle > 0:
+            self.timer = hub.loop.call_later(settle, self._start_relay)
+        else:
+            self._start_relay()
+
+    def _start_relay(self) -> None:
+        """Send the hidden server the request and every byte read past it, then relay."""
+        hub = self.hub
+        hidden, head = self.peer, self.head
+        assert hidden is not None and head is not None
+        self.timer = None
+        forwarded = head.forwarded()
+        hidden.transport.write(forwarded)
+        self.received = len(forwarded) + len(self.buffer)
+        if self.buffer:
+            hidden.transport.write(self.buffer)
+        if hidden.buffer:
+            hidden.received = len(hidden.buffer)
+            self.transport.write(hidden.buffer)
+        self.buffer = hidden.buffer = bytearray()
+        now = hub.loop.time()
+        waited = now - hidden.since
+        self.state = hidden.state = RELAYING
+        self.since = hidden.since = now
+        hub.active_pairs += 1
+        hub.stats.pairings += 1
+        logs.event("paired", id=self.uuid, mobile=self._peer_text(), hidden=hidden._peer_text(),
+                   hidden_parked_for=f"{waited:.3f}s")
+        for leg in (self, hidden):
+            if leg.reading_paused:
+                leg.reading_paused = False
+                leg.transport.resume_reading()
+        if self.eof:  # a plain-TCP client that half-closed after its request
+            if hidden.transport.can_write_eof():
+                hidden.transport.write_eof()
+            else:
+                hidden.transport.close()
+
+    # Relaying ------------------------------------------------------------------------------
+
+    def _relay_leg_lost(self) -> None:
+        """One leg is gone: close the other (after it flushes), log the pair once both are."""
+        peer = self.peer
+        assert peer is not None
+        if peer.state != CLOSED:
+            peer.transport.close()
+            return
+        hub = self.hub
+        mobile, hidden = (self, peer) if self.head is not None else (peer, self)
+        hub.active_pairs -= 1
+        hub.stats.bytes_up += mobile.received
+        hub.stats.bytes_down += hidden.received
+        logs.event("closed", id=self.uuid, mobile=mobile._peer_text(),
+                   bytes_up=mobile.received, bytes_down=hidden.received,
+                   duration=f"{hub.loop.time() - mobile.since:.3f}s")
+
+    # Helpers -------------------------------------------------------------------------------
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_timer()
+        self.timer = self.hub.loop.call_later(self.hub.limits.head_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self.timer = None
+        if self.state in (HEAD, VERIFYING):
+            answer = responses.status_only(408) if self.buffer else b""
+            self._reject("head timeout", answer, status=408)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _reject(self, reason: str, answer: bytes = b"", status: int | None = None) -> None:
+        """Answer (if anything) and close, logging why."""
+        if answer:
+            self.transport.write(answer)
+        self._note_rejection(reason, status)
+        self._close()
+
+    def _note_rejection(self, reason: str, status: int | None) -> None:
+        self.hub.stats.rejections[reason] += 1
+        logs.event("rejected", reason=reason, status=status or "-", id=self.uuid or "-",
+                   peer=self._peer_text())
+
+    def _close(self) -> None:
+        self.state = CLOSED
+        self._cancel_timer()
+        self.transport.close()
+
+    def _peer_text(self) -> str:
+        if self.peername is None:
+            return "-"
+        host, port = self.peername
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

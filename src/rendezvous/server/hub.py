@@ -1,0 +1,132 @@
+"""The relay's shared state: parked connections per ID, mobile clients waiting, counters.
+
+Pools are FIFO deques bounded by ``Limits.pool_size``; a mobile client takes the oldest parked
+connection of its ID (the one longest proven alive), or waits up to ``Limits.pair_wait`` for one.
+Everything here runs on the event loop thread, so no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, deque
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from rendezvous.config import Limits
+from rendezvous.registry import Registry
+
+if TYPE_CHECKING:
+    from rendezvous.server.connection import Connection
+
+
+@dataclass(slots=True)
+class Stats:
+    """Running totals since start, for logs, status and metrics."""
+
+    parked: int = 0
+    pairings: int = 0
+    bytes_up: int = 0  # mobile to hidden
+    bytes_down: int = 0  # hidden to mobile
+    rejections: Counter[str] = field(default_factory=Counter)
+
+
+class Hub:
+    """Parked pools and waiting mobile clients, keyed by hidden-server ID."""
+
+    def __init__(
+        self, registry: Registry, limits: Limits, loop: asyncio.AbstractEventLoop, tls: bool
+    ) -> None:
+        self.registry = registry
+        self.limits = limits
+        self.loop = loop
+        self.tls = tls
+        self.pools: dict[str, deque[Connection]] = {}
+        self.waiting: dict[str, deque[Connection]] = {}
+        self.open_connections = 0
+        self.active_pairs = 0
+        self.stats = Stats()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run a short job (a token check) holding a reference, so it is not collected."""
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # Hidden side -------------------------------------------------------------------------
+
+    def park(self, hidden: Connection) -> None:
+        """Give a newly authenticated connection to a waiting mobile client, or pool it."""
+        waiters = self.waiting.get(hidden.uuid)
+        if waiters:
+            mobile = waiters.popleft()
+            if not waiters:
+                del self.waiting[hidden.uuid]
+            mobile.pair_with(hidden)
+            return
+        pool = self.pools.setdefault(hidden.uuid, deque())
+        if len(pool) >= self.limits.pool_size:
+            pool.popleft().evict()  # the oldest goes: a bound of 1 behaves like the original
+        pool.append(hidden)
+
+    def return_to_pool(self, hidden: Connection) -> None:
+        """Put back a connection whose mobile client left before the pairing began."""
+        waiters = self.waiting.get(hidden.uuid)
+        if waiters:
+            self.park(hidden)
+            return
+        self.pools.setdefault(hidden.uuid, deque()).appendleft(hidden)
+
+    def unpark(self, hidden: Connection) -> None:
+        """Forget a parked connection that closed."""
+        pool = self.pools.get(hidden.uuid)
+        if pool is None:
+            return
+        try:
+            pool.remove(hidden)
+        except ValueError:
+            return
+        if not pool:
+            del self.pools[hidden.uuid]
+
+    def parked_count(self, uuid: str | None = None) -> int:
+        """Connections parked now, for one ID or in all."""
+        if uuid is not None:
+            return len(self.pools.get(uuid, ()))
+        return sum(len(pool) for pool in self.pools.values())
+
+    # Mobile side -------------------------------------------------------------------------
+
+    def take(self, uuid: str) -> Connection | None:
+        """The oldest parked connection of ``uuid``, removed from its pool, or None."""
+        pool = self.pools.get(uuid)
+        if not pool:
+            return None
+        hidden = pool.popleft()
+        if not pool:
+            del self.pools[uuid]
+        return hidden
+
+    def wait_for(self, mobile: Connection) -> None:
+        """Queue a mobile client until a connection of its ID parks."""
+        self.waiting.setdefault(mobile.uuid, deque()).append(mobile)
+
+    def stop_waiting(self, mobile: Connection) -> None:
+        """Take a mobile client out of the queue (it gave up or closed)."""
+        waiters = self.waiting.get(mobile.uuid)
+        if waiters is None:
+            return
+        try:
+            waiters.remove(mobile)
+        except ValueError:
+            return
+        if not waiters:
+            del self.waiting[mobile.uuid]
+
+    def close_parked(self) -> None:
+        """Close every parked connection (shutdown)."""
+        for pool in list(self.pools.values()):
+            for hidden in list(pool):
+                hidden.evict()
+        self.pools.clear()

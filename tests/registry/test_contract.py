@@ -1,0 +1,272 @@
+"""One contract, every registry backend: what the relay and the CLI may rely on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from rendezvous.errors import ConfigError, DuplicateEntry, RegistryError, UnknownEntry
+from rendezvous.registry import Entry, Registry, new_secret, open_registry
+from rendezvous.registry.memory import MemoryRegistry
+from rendezvous.registry.redis import RedisRegistry
+from rendezvous.registry.sqlite import SQLiteRegistry
+
+BACKENDS: dict[str, type[Registry]] = {
+    "memory": MemoryRegistry,
+    "sqlite": SQLiteRegistry,
+    "redis": RedisRegistry,
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """(backend name, an empty registry URL for it)."""
+    name: str = request.param
+    if name == "memory":
+        return name, "memory://"
+    if name == "sqlite":
+        return name, f"sqlite:///{tmp_path / 'registry.sqlite3'}"
+    # Only the redis case starts redis-server, so the others run without it.
+    url: str = request.getfixturevalue("redis_registry_url")
+    return name, url
+
+
+@pytest.fixture
+def url(backend: tuple[str, str]) -> str:
+    """An empty registry URL, once per backend."""
+    return backend[1]
+
+
+def run(url: str, body: Callable[[Registry], Awaitable[None]]) -> None:
+    """Open the registry at ``url``, run ``body`` on it in a fresh event loop, and close it."""
+
+    async def main() -> None:
+        registry = open_registry(url)
+        try:
+            await body(registry)
+        finally:
+            await registry.close()
+
+    asyncio.run(main())
+
+
+def make_entry(
+    uuid: str, created: float = 1_700_000_000.25, label: str = "", step: int = 30, digits: int = 6
+) -> Entry:
+    """An entry with fixed timestamps, so equality checks are exact."""
+    return Entry(
+        uuid=uuid,
+        base32=new_secret(),
+        step=step,
+        digits=digits,
+        label=label,
+        created=created,
+        updated=created,
+    )
+
+
+def test_open_registry_picks_backend(backend: tuple[str, str]) -> None:
+    name, url = backend
+
+    async def body(registry: Registry) -> None:
+        assert type(registry) is BACKENDS[name]
+        assert registry.url == url
+
+    run(url, body)
+
+
+def test_open_registry_rejects_unknown_scheme() -> None:
+    with pytest.raises(ConfigError, match="ftp://"):
+        open_registry("ftp://example.com/registry")
+
+
+def test_ping(url: str) -> None:
+    async def body(registry: Registry) -> None:
+        await registry.ping()
+
+    run(url, body)
+
+
+def test_empty(url: str) -> None:
+    async def body(registry: Registry) -> None:
+        assert await registry.get("2f402f80-da50-11e1-9b23-000000000001") is None
+        assert await registry.list() == []
+
+    run(url, body)
+
+
+def test_round_trip_of_every_field(url: str) -> None:
+    entry = Entry(
+        uuid="2f402f80-da50-11e1-9b23-000000000001",
+        base32="JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP",
+        step=60,
+        digits=8,
+        label="living-room hub — étage 2",
+        created=1_700_000_000.123456,
+        updated=1_700_000_123.654321,
+    )
+
+    async def body(registry: Registry) -> None:
+        await registry.add(entry)
+        assert await registry.get(entry.uuid) == entry
+        assert await registry.list() == [entry]
+
+    run(url, body)
+
+
+def test_defaults_round_trip(url: str) -> None:
+    entry = Entry(uuid="plain", base32=new_secret())
+
+    async def body(registry: Registry) -> None:
+        await registry.add(entry)
+        got = await registry.get("plain")
+        assert got == entry
+        assert (got.step, got.digits, got.label) == (30, 6, "")
+
+    run(url, body)
+
+
+def test_get_is_exact(url: str) -> None:
+    async def body(registry: Registry) -> None:
+        await registry.add(make_entry("abc"))
+        assert await registry.get("ABC") is None
+        assert await registry.get("ab") is None
+        assert await registry.get("abc ") is None
+
+    run(url, body)
+
+
+def test_list_is_oldest_first(url: str) -> None:
+    # Added out of order, and with IDs whose sort order differs from their age.
+    middle = make_entry("a-middle", created=2000.0)
+    newest = make_entry("b-newest", created=3000.0)
+    oldest = make_entry("c-oldest", created=1000.0)
+
+    async def body(registry: Registry) -> None:
+        for entry in (middle, newest, oldest):
+            await registry.add(entry)
+        assert await registry.list() == [oldest, middle, newest]
+
+    run(url, body)
+
+
+def test_add_duplicate_fails_and_keeps_the_first(url: str) -> None:
+    first = make_entry("dup", label="first")
+    second = make_entry("dup", label="second")
+
+    async def body(registry: Registry) -> None:
+        await registry.add(first)
+        with pytest.raises(DuplicateEntry) as info:
+            await registry.add(second)
+        assert info.value.uuid == "dup"
+        assert isinstance(info.value, RegistryError)
+        assert await registry.get("dup") == first
+        assert await registry.list() == [first]
+
+    run(url, body)
+
+
+def test_rotation_replaces_the_secret(url: str) -> None:
+    entry = make_entry("rotating", label="hub", step=30, digits=6)
+
+    async def body(registry: Registry) -> None:
+        await registry.add(entry)
+        rotated = entry.rotated()
+        assert rotated.base32 != entry.base32
+        assert rotated.updated > entry.updated
+        await registry.replace(rotated)
+        got = await registry.get("rotating")
+        assert got == rotated
+        assert (got.created, got.label) == (entry.created, "hub")
+        assert await registry.list() == [rotated]
+
+    run(url, body)
+
+
+def test_replace_unknown_fails_and_creates_nothing(url: str) -> None:
+    async def body(registry: Registry) -> None:
+        with pytest.raises(UnknownEntry) as info:
+            await registry.replace(make_entry("ghost"))
+        assert info.value.uuid == "ghost"
+        assert isinstance(info.value, RegistryError)
+        assert await registry.get("ghost") is None
+        assert await registry.list() == []
+
+    run(url, body)
+
+
+def test_remove(url: str) -> None:
+    keep = make_entry("keep", created=1.0)
+    drop = make_entry("drop", created=2.0)
+
+    async def body(registry: Registry) -> None:
+        await registry.add(keep)
+        await registry.add(drop)
+        await registry.remove("drop")
+        assert await registry.get("drop") is None
+        assert await registry.list() == [keep]
+        # The ID is free again.
+        await registry.add(drop)
+        assert await registry.get("drop") == drop
+
+    run(url, body)
+
+
+def test_remove_unknown_fails(url: str) -> None:
+    async def body(registry: Registry) -> None:
+        await registry.add(make_entry("other"))
+        with pytest.raises(UnknownEntry) as info:
+            await registry.remove("ghost")
+        assert info.value.uuid == "ghost"
+        assert len(await registry.list()) == 1
+
+    run(url, body)
+
+
+def test_many_entries(url: str) -> None:
+    # More than one SCAN/MGET batch in the redis backend.
+    entries = [make_entry(f"id-{i:04d}", created=float(i)) for i in range(1200)]
+
+    async def body(registry: Registry) -> None:
+        for entry in entries:
+            await registry.add(entry)
+        assert await registry.list() == entries
+
+    run(url, body)
+
+
+def test_changes_are_seen_at_once_by_another_handle(backend: tuple[str, str]) -> None:
+    name, url = backend
+    if name == "memory":
+        pytest.skip("a memory registry is private to its object")
+
+    async def main() -> None:
+        server, operator = open_registry(url), open_registry(url)
+        try:
+            assert await server.get("shared") is None
+            entry = make_entry("shared")
+            await operator.add(entry)
+            assert await server.get("shared") == entry
+            rotated = entry.rotated()
+            await operator.replace(rotated)
+            assert await server.get("shared") == rotated
+            await operator.remove("shared")
+            assert await server.get("shared") is None
+            assert await server.list() == []
+        finally:
+            await server.close()
+            await operator.close()
+
+    asyncio.run(main())
+
+
+def test_close_releases_the_backend(url: str) -> None:
+    async def main() -> None:
+        registry = open_registry(url)
+        await registry.ping()
+        await registry.close()
+
+    asyncio.run(main())

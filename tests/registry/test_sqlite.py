@@ -1,0 +1,190 @@
+"""The sqlite backend: a file shared live with the CLI, created on demand, failing clearly."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from rendezvous.errors import ConfigError, RegistryError
+from rendezvous.registry import Entry
+from rendezvous.registry.sqlite import SQLiteRegistry, path_from_url
+
+
+def url_for(path: Path) -> str:
+    return f"sqlite://{path}"
+
+
+def test_another_process_sees_changes_at_once(tmp_path: Path) -> None:
+    """The server keeps its registry open while ``rendezvous users`` edits the file."""
+    db = tmp_path / "registry.sqlite3"
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from rendezvous.registry import Entry
+        from rendezvous.registry.sqlite import SQLiteRegistry
+
+        async def main():
+            registry = SQLiteRegistry({url_for(db)!r})
+            try:
+                if sys.argv[1] == "add":
+                    await registry.add(Entry(uuid="hub", base32="AAAA", label="from the CLI"))
+                else:
+                    await registry.remove("hub")
+            finally:
+                await registry.close()
+
+        asyncio.run(main())
+        """
+    )
+
+    def cli(action: str) -> None:
+        subprocess.run([sys.executable, "-c", script, action], check=True, timeout=60)
+
+    async def main() -> None:
+        server = SQLiteRegistry(url_for(db))
+        try:
+            assert await server.get("hub") is None
+            await asyncio.to_thread(cli, "add")
+            entry = await server.get("hub")
+            assert entry is not None
+            assert entry.label == "from the CLI"
+            assert [e.uuid for e in await server.list()] == ["hub"]
+            await asyncio.to_thread(cli, "remove")
+            assert await server.get("hub") is None
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+def test_rotation_by_a_second_handle_is_seen_at_once(tmp_path: Path) -> None:
+    url = url_for(tmp_path / "registry.sqlite3")
+    entry = Entry(uuid="hub", base32="AAAA")
+
+    async def main() -> None:
+        server, operator = SQLiteRegistry(url), SQLiteRegistry(url)
+        try:
+            await server.add(entry)
+            assert await server.get("hub") == entry
+            rotated = entry.rotated()
+            await operator.replace(rotated)
+            assert await server.get("hub") == rotated
+        finally:
+            await server.close()
+            await operator.close()
+
+    asyncio.run(main())
+
+
+def test_creates_folders_and_uses_wal(tmp_path: Path) -> None:
+    db = tmp_path / "a" / "b" / "registry.sqlite3"
+
+    async def main() -> None:
+        registry = SQLiteRegistry(url_for(db))
+        try:
+            await registry.ping()
+        finally:
+            await registry.close()
+
+    asyncio.run(main())
+    assert db.is_file()
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(entries)")]
+        assert columns == ["uuid", "base32", "step", "digits", "label", "created", "updated"]
+    finally:
+        conn.close()
+
+
+def test_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    db = tmp_path / "registry.sqlite3"
+    db.write_bytes(b"this is not an SQLite database, just some text that is long enough" * 20)
+
+    async def main() -> None:
+        registry = SQLiteRegistry(url_for(db))
+        try:
+            with pytest.raises(RegistryError, match=str(db)):
+                await registry.get("hub")
+            with pytest.raises(RegistryError, match=str(db)):
+                await registry.list()
+        finally:
+            await registry.close()
+
+    asyncio.run(main())
+
+
+def test_a_path_that_cannot_be_created(tmp_path: Path) -> None:
+    # A regular file where a folder should be: fails even for root, unlike a chmod.
+    (tmp_path / "file").write_text("")
+    db = tmp_path / "file" / "registry.sqlite3"
+
+    async def main() -> None:
+        registry = SQLiteRegistry(url_for(db))
+        try:
+            with pytest.raises(RegistryError, match=str(db)):
+                await registry.ping()
+            with pytest.raises(RegistryError, match=str(db)):
+                await registry.add(Entry(uuid="hub", base32="AAAA"))
+        finally:
+            await registry.close()
+
+    asyncio.run(main())
+
+
+def test_a_folder_where_the_file_should_be(tmp_path: Path) -> None:
+    db = tmp_path / "registry.sqlite3"
+    db.mkdir()
+
+    async def main() -> None:
+        registry = SQLiteRegistry(url_for(db))
+        try:
+            with pytest.raises(RegistryError, match=str(db)):
+                await registry.get("hub")
+        finally:
+            await registry.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///var/lib/rendezvous/registry.sqlite3", "/var/lib/rendezvous/registry.sqlite3"),
+        # What config.default_registry_url() builds from an absolute path.
+        ("sqlite:////var/lib/rendezvous/registry.sqlite3", "/var/lib/rendezvous/registry.sqlite3"),
+        ("sqlite://data/registry.sqlite3", "data/registry.sqlite3"),
+        ("sqlite:data/registry.sqlite3", "data/registry.sqlite3"),
+        ("sqlite:registry.sqlite3", "registry.sqlite3"),
+    ],
+)
+def test_path_from_url(url: str, path: str) -> None:
+    assert path_from_url(url) == Path(path)
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:", "sqlite:///x.db?mode=ro"])
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(ConfigError):
+        SQLiteRegistry(url)
+
+
+def test_relative_path_is_relative_to_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    async def main() -> None:
+        registry = SQLiteRegistry("sqlite://data/registry.sqlite3")
+        try:
+            await registry.add(Entry(uuid="hub", base32="AAAA"))
+        finally:
+            await registry.close()
+
+    asyncio.run(main())
+    assert (tmp_path / "data" / "registry.sqlite3").is_file()

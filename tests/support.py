@@ -1,0 +1,63 @@
+"""Helpers for tests that run real processes and servers."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (another process could take it before we do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(
+    host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until ``host:port`` accepts connections; raise TimeoutError after ``timeout`` seconds.
+
+    With ``proc``, fail at once if that process exits first (a bad flag, a port already taken).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            status = proc.returncode
+            raise RuntimeError(f"{proc.args!r} exited with status {status} before listening")
+        if port_open(host, port):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
+        time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Terminate ``proc`` and reap it, killing it if it ignores SIGTERM for ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file, or a note that it is missing."""
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return f"({path} unreadable)"
