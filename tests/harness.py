@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
+import re
+import select
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from types import TracebackType
 from typing import Any, TypeVar
 
 import uvloop
@@ -175,3 +181,221 @@ def running_server(tmp_path: Path, tls: bool = True, registry: Registry | None =
         yield thread
     finally:
         thread.stop()
+
+
+# A hidden HTTP server ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServedRequest:
+    """One request a :class:`HiddenHTTPService` answered, as it arrived there."""
+
+    pairing: int  # which pairing (parked connection) it came on, from 1
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+class _HiddenRequestHandler(BaseHTTPRequestHandler):
+    """Serves one paired connection (keep-alive: every request that comes on it).
+
+    GET answers JSON ``{"method", "path", "headers": [[name, value], ...], "pairing"}``;
+    ``/redirect/N`` answers 302 to ``/redirect/N-1`` until ``/redirect/0``. POST and PUT answer
+    ``{"length": n, "sha256": hex}`` of the body (Content-Length or chunked).
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "HiddenHTTPService/1.0"
+    service: HiddenHTTPService
+    pairing: int
+
+    def __init__(self, sock: socket.socket, service: HiddenHTTPService, pairing: int) -> None:
+        self.service = service
+        self.pairing = pairing
+        super().__init__(sock, ("127.0.0.1", 0), service)  # type: ignore[arg-type]
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # quiet: tests read ``service.requests`` instead
+
+    def _record(self) -> None:
+        self.service._record(ServedRequest(
+            self.pairing, self.command, self.path, tuple(self.headers.items())))
+
+    def _send(self, status: int, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()
+              ) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if body:
+            self.wfile.write(body)
+
+    def _send_json(self, document: Any) -> None:
+        self._send(200, json.dumps(document).encode(), (("Content-Type", "application/json"),))
+
+    def do_GET(self) -> None:
+        self._record()
+        redirect = re.fullmatch(r"/redirect/(\d+)", self.path)
+        if redirect and int(redirect.group(1)) > 0:
+            self._send(302, headers=(("Location", f"/redirect/{int(redirect.group(1)) - 1}"),))
+            return
+        self._send_json({"method": self.command, "path": self.path, "pairing": self.pairing,
+                         "headers": [[k, v] for k, v in self.headers.items()]})
+
+    def do_POST(self) -> None:
+        self._record()
+        length, digest = self._read_body()
+        self._send_json({"length": length, "sha256": digest})
+
+    do_PUT = do_POST
+
+    def _read_body(self) -> tuple[int, str]:
+        digest = hashlib.sha256()
+        length = 0
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            for _ in range(1 << 20):  # bounded: at most a million chunks
+                size_line = self.rfile.readline(1024)
+                if not size_line:
+                    raise ConnectionError("connection closed inside a chunked body")
+                size = int(size_line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return length, digest.hexdigest()
+                length += self._read_exactly(size, digest)
+                self.rfile.readline(16)  # the CRLF after each chunk
+            raise ValueError("too many chunks")
+        return self._read_exactly(int(self.headers.get("Content-Length") or 0), digest), \
+            digest.hexdigest()
+
+    def _read_exactly(self, size: int, digest: Any) -> int:
+        left = size
+        while left:
+            data = self.rfile.read(min(left, 1 << 20))
+            if not data:
+                raise ConnectionError(f"connection closed {left} bytes before the body's end")
+            digest.update(data)
+            left -= len(data)
+        return size
+
+
+class HiddenHTTPService:
+    """A hidden HTTP server for ``entry``: keeps ``parked`` connections parked at ``server``,
+    re-parks one as soon as a parked one is paired (its first bytes arrive), and serves each
+    paired connection with :class:`_HiddenRequestHandler` in its own thread.
+
+    Use as a context manager; on exit every connection is shut and every thread joined
+    (bounded), and errors met while serving fail the test.
+    """
+
+    STOP_TIMEOUT = 5.0
+
+    def __init__(self, server: ServerThread, entry: Entry, parked: int = 2,
+                 timeout: float = 10.0, max_connections: int = 500) -> None:
+        self.server = server
+        self.entry = entry
+        self.parked = parked
+        self.timeout = timeout  # idle timeout of a served connection
+        self.max_connections = max_connections  # bound on parks over the service's life
+        self.requests: list[ServedRequest] = []
+        self.errors: list[BaseException] = []
+        self.pairings = 0
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sockets: set[socket.socket] = set()
+
+    def __enter__(self) -> HiddenHTTPService:
+        for _ in range(self.parked):
+            self._spawn()
+        self.server.wait_parked(self.entry.uuid, self.parked)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()
+        if kind is None and self.errors:
+            raise AssertionError(f"hidden service errors: {self.errors!r}") from self.errors[0]
+
+    def stop(self) -> None:
+        """Shut every connection (waking blocked readers) and join every thread, bounded."""
+        with self._lock:
+            self._stopping.set()
+            sockets = list(self._sockets)
+            threads = list(self._threads)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                # The plain socket's shutdown: wakes a reader blocked in this TLS socket.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        deadline = time.monotonic() + self.STOP_TIMEOUT
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [thread.name for thread in threads if thread.is_alive()]
+        if alive:
+            self.errors.append(RuntimeError(f"threads still running after stop: {alive}"))
+
+    def _record(self, request: ServedRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            if self.connections >= self.max_connections:
+                self.errors.append(RuntimeError(f"more than {self.max_connections} parks"))
+                return
+            self.connections += 1
+            thread = threading.Thread(target=self._run, daemon=True,
+                                      name=f"hidden-{self.connections}")
+            self._threads.append(thread)
+        thread.start()
+
+    def _run(self) -> None:
+        try:
+            sock = self.server.park(self.entry)
+        except Exception as exc:
+            if not self._stopping.is_set():
+                self.errors.append(exc)
+            return
+        with self._lock:
+            if self._stopping.is_set():
+                sock.close()
+                return
+            self._sockets.add(sock)
+        try:
+            if not self._wait_for_pairing(sock):
+                return
+            self._spawn()  # stay reachable: park a new connection at once
+            with self._lock:
+                self.pairings += 1
+                pairing = self.pairings
+            sock.settimeout(self.timeout)
+            _HiddenRequestHandler(sock, self, pairing)
+        except OSError:
+            pass  # the relay or the client closed the connection: normal at the end
+        except Exception as exc:
+            self.errors.append(exc)
+        finally:
+            with self._lock:
+                self._sockets.discard(sock)
+            sock.close()
+
+    def _wait_for_pairing(self, sock: ssl.SSLSocket | socket.socket) -> bool:
+        """Wait until the parked connection becomes readable (its pairing's first bytes, or a
+        close); False when the service stops first."""
+        while not self._stopping.is_set():
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return True
+            readable, _, _ = select.select([sock], [], [], 0.05)
+            if readable:
+                return True
+        return False

@@ -40,9 +40,7 @@ class Provisioning:
     digits: int
 
 
-def provisioning_document(
-    entry: Entry, host: str, port: int, ca_pem: str | None
-) -> dict[str, Any]:
+def provisioning_document(entry: Entry, host: str, port: int, ca_pem: str | None) -> dict[str, Any]:
     """The §5 JSON document for ``entry`` on the relay at ``host``:``port``.
 
     ``ca_pem`` is the PEM the hidden server must trust for the relay; None leaves ``server.ca``
@@ -126,7 +124,9 @@ def parse_provisioning(doc: Any) -> Provisioning:
     if ca is not None and (not isinstance(ca, str) or "-----BEGIN CERTIFICATE-----" not in ca):
         raise ProvisioningError("server.ca must be a PEM certificate")
     step = _integer(auth.get("step", DEFAULT_STEP), "authParams.step", 1, 24 * 3600)
-    digits = _integer(auth.get("digits", DEFAULT_DIGITS), "authParams.digits", MIN_DIGITS, MAX_DIGITS)
+    digits = _integer(
+        auth.get("digits", DEFAULT_DIGITS), "authParams.digits", MIN_DIGITS, MAX_DIGITS
+    )
     return Provisioning(
         uuid=uuid,
         label=label,

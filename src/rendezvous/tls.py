@@ -7,10 +7,12 @@ strict verification (the default since Python 3.13) accepts it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import logging
 import os
+import re
 import socket
 import ssl
 from collections.abc import Callable, Iterable
@@ -36,6 +38,10 @@ _BACKDATE = datetime.timedelta(hours=1)
 # X.509 caps the common name at 64 characters; a longer first name is still in the SANs.
 _MAX_CN = 64
 
+# RFC 1035 sizes; "_" and a leading "*" label (a wildcard) occur in real certificates too.
+_MAX_DNS = 253
+_LABEL = re.compile(r"\*|[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -50,22 +56,14 @@ def _parse_name(name: str) -> str | IPAddress:
         return ipaddress.ip_address(text)
     except ValueError:
         pass
-    if text.isascii():
-        return text.lower()
     try:
-        return text.encode("idna").decode("ascii")
-    except UnicodeError as exc:
-        raise ConfigError(f"invalid host name for a certificate: {name!r}") from exc
-
-
-def _dedupe(names: Iterable[str | IPAddress]) -> list[str | IPAddress]:
-    seen: set[str | IPAddress] = set()
-    out: list[str | IPAddress] = []
-    for name in names:
-        if name not in seen:
-            seen.add(name)
-            out.append(name)
-    return out
+        dns = text.lower() if text.isascii() else text.encode("idna").decode("ascii")
+    except UnicodeError:
+        dns = ""
+    dns = dns.removesuffix(".")
+    if len(dns) > _MAX_DNS or not all(_LABEL.fullmatch(label) for label in dns.split(".")):
+        raise ConfigError(f"invalid host name for a certificate: {name!r}")
+    return dns
 
 
 def generate_self_signed(
@@ -79,7 +77,7 @@ def generate_self_signed(
     """
     if days < 1:
         raise ConfigError(f"certificate validity must be at least 1 day, not {days}")
-    sans = _dedupe(_parse_name(n) for n in names)
+    sans = list(dict.fromkeys(_parse_name(n) for n in names))  # dedupe, keep order
     if not sans:
         raise ConfigError("a certificate needs at least one host name or IP address")
 
@@ -137,7 +135,9 @@ def generate_self_signed(
         _write_private(Path(key_path), key_pem)
         Path(cert_path).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     except OSError as exc:
-        raise ConfigError(f"cannot write {exc.filename or key_path}: {exc.strerror or exc}") from exc
+        raise ConfigError(
+            f"cannot write {exc.filename or key_path}: {exc.strerror or exc}"
+        ) from exc
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -151,7 +151,13 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def default_names() -> list[str]:
     """The names every self-signed certificate of ``ensure_self_signed`` covers."""
-    return ["localhost", "127.0.0.1", "::1", socket.gethostname()]
+    names = ["localhost", "127.0.0.1", "::1"]
+    host = socket.gethostname()
+    # A host name that is not a valid DNS name would only make the certificate impossible.
+    with contextlib.suppress(ConfigError):
+        _parse_name(host)
+        names.append(host)
+    return names
 
 
 def cert_names(cert_pem: bytes) -> list[str]:

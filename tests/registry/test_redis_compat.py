@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ from support import free_port
 
 from rendezvous.errors import RegistryError
 from rendezvous.registry import Entry
-from rendezvous.registry.redis import CONNECT_TIMEOUT, RedisRegistry, redacted
+from rendezvous.registry.redis import COMMAND_TIMEOUT, CONNECT_TIMEOUT, RedisRegistry, redacted
 
 ORIGINAL_ID = "2f402f80-da50-11e1-9b23-000000000001"
 # Exactly what node-rendezvous's registrar stored for a hidden server.
@@ -144,6 +145,43 @@ def test_unreachable_redis_fails_quickly_and_clearly() -> None:
     started = time.monotonic()
     asyncio.run(main())
     assert time.monotonic() - started < CONNECT_TIMEOUT
+
+
+def test_a_stuck_redis_fails_within_the_command_timeout() -> None:
+    # Accepts connections (the kernel does, from the backlog) but never answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+
+        async def main() -> None:
+            registry = RedisRegistry(url)
+            try:
+                with pytest.raises(RegistryError, match="unreachable"):
+                    await registry.get(ORIGINAL_ID)
+            finally:
+                await registry.close()
+
+        started = time.monotonic()
+        asyncio.run(main())
+        assert time.monotonic() - started < COMMAND_TIMEOUT + 1.5
+
+
+def test_survives_dropped_connections(redis_registry_url: str, raw: redis.Redis) -> None:
+    """A Redis restart leaves stale sockets in the pool; the next call must still succeed."""
+    raw.set(ORIGINAL_ID, ORIGINAL_VALUE)
+
+    async def main() -> None:
+        registry = RedisRegistry(redis_registry_url)
+        try:
+            assert await registry.get(ORIGINAL_ID) is not None
+            killed = raw.client_kill_filter(_type="normal", skipme=True)
+            assert killed >= 1
+            assert await registry.get(ORIGINAL_ID) is not None
+        finally:
+            await registry.close()
+
+    asyncio.run(main())
 
 
 def test_errors_do_not_show_the_password() -> None:

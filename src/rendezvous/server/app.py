@@ -21,6 +21,7 @@ from rendezvous.tls import server_ssl_context
 # Seconds that active pairings get to finish after SIGINT/SIGTERM before they are cut.
 SHUTDOWN_GRACE = 10.0
 LISTEN_BACKLOG = 1024
+SSL_SHUTDOWN_TIMEOUT = 5.0
 
 
 class RendezvousServer:
@@ -71,6 +72,8 @@ class RendezvousServer:
             # A peer that never finishes its handshake is held no longer than one that never
             # finishes its request head.
             ssl_handshake_timeout=config.limits.head_timeout if self.ssl_context else None,
+            # A peer that never answers our close_notify does not hold its socket for long.
+            ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT if self.ssl_context else None,
             backlog=LISTEN_BACKLOG,
             reuse_address=True,
         )
@@ -88,6 +91,7 @@ class RendezvousServer:
             deadline = hub.loop.time() + grace
             while hub.active_pairs > 0 and hub.loop.time() < deadline:
                 await asyncio.sleep(0.05)
+            hub.abort_all()
         if self._owns_registry:
             await self.registry.close()
         if self._server is not None:
@@ -121,7 +125,7 @@ def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop]:
         except ImportError:
             logs.event("uvloop unavailable, using asyncio's loop", level=logging.WARNING)
         else:
-            return uvloop.new_event_loop  # type: ignore[no-any-return]
+            return uvloop.new_event_loop  # type: ignore[no-any-return,unused-ignore]
     return asyncio.new_event_loop
 
 

@@ -62,6 +62,7 @@ class Connection(asyncio.Protocol):
     """The protocol object of one accepted socket, hidden or mobile."""
 
     __slots__ = (
+        "__weakref__",
         "buffer",
         "eof",
         "head",
@@ -103,7 +104,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         hub = self.hub
-        hub.open_connections += 1
+        hub.connections.add(self)
         peername = transport.get_extra_info("peername")
         self.peername = (str(peername[0]), int(peername[1])) if peername else None
         if hub.open_connections > hub.limits.max_connections:
@@ -145,7 +146,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         hub = self.hub
-        hub.open_connections -= 1
+        hub.connections.discard(self)
         state, self.state = self.state, CLOSED
         self._cancel_timer()
         if state == RELAYING:

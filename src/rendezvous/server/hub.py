@@ -43,7 +43,7 @@ class Hub:
         self.tls = tls
         self.pools: dict[str, deque[Connection]] = {}
         self.waiting: dict[str, deque[Connection]] = {}
-        self.open_connections = 0
+        self.connections: set[Connection] = set()  # every open one, to cut them at shutdown
         self.active_pairs = 0
         self.stats = Stats()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -123,6 +123,16 @@ class Hub:
             return
         if not waiters:
             del self.waiting[mobile.uuid]
+
+    @property
+    def open_connections(self) -> int:
+        """Accepted connections not yet closed."""
+        return len(self.connections)
+
+    def abort_all(self) -> None:
+        """Cut every remaining connection at once (the end of a shutdown)."""
+        for connection in list(self.connections):
+            connection.transport.abort()
 
     def close_parked(self) -> None:
         """Close every parked connection (shutdown)."""
