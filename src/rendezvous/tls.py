@@ -287,3 +287,22 @@ def read_cert_pem(path: Path | str) -> str:
     except ConfigError:
         raise ConfigError(f"{path} holds no PEM certificate") from None
     return "".join(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in certs)
+
+
+def client_ssl_context(ca_pem: str | None) -> ssl.SSLContext:
+    """A client SSLContext for reaching a rendezvous server.
+
+    With no ``ca_pem``, the system's trust store and normal hostname checks. With a CA's PEM,
+    only that CA is trusted. When ``ca_pem`` is the server's own self-signed certificate it is
+    *pinned*: exactly that certificate verifies, whatever address the server is reached by, so
+    the hostname check is skipped (the pin is stronger than a name match).
+    """
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_pem is None:
+        return context
+    context = ssl.create_default_context(cadata=ca_pem)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if is_self_signed(ca_pem.encode("ascii")):
+        context.check_hostname = False  # verify_mode stays CERT_REQUIRED: the pin is checked
+    return context

@@ -6,7 +6,6 @@ import base64
 import json
 import re
 import socket
-import ssl
 import time
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pytest
 from harness import PARKED, ServerThread, recv_all, recv_exactly, recv_until, running_server
 
 from rendezvous.protocol.totp import current_token
-from rendezvous.registry import Entry
 
 
 def error_json(diagnostic: str, permanent: bool = False) -> bytes:
@@ -299,7 +297,7 @@ def test_parked_connection_serves_only_one_mobile_client(server: ServerThread) -
         first.sendall(request)
         recv_until(hidden, b"\r\n\r\n")
         second.sendall(request)
-        head, body = read_response(second)  # the pool is empty again
+        head, _ = read_response(second)  # the pool is empty again
         assert head.startswith(b"HTTP/1.1 404 ")
     hidden.close()
 
@@ -354,10 +352,10 @@ def test_slow_head_is_timed_out(tmp_path: Path) -> None:
 
 
 def test_silent_tls_handshake_is_timed_out(tmp_path: Path) -> None:
-    with running_server(tmp_path, head_timeout=0.3) as server:
-        with socket.create_connection(("127.0.0.1", server.port)) as raw:
-            raw.settimeout(3)
-            assert raw.recv(1) == b""
+    with (running_server(tmp_path, head_timeout=0.3) as server,
+          socket.create_connection(("127.0.0.1", server.port)) as raw):
+        raw.settimeout(3)
+        assert raw.recv(1) == b""
 
 
 def test_connection_limit_refuses_only_the_excess(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import cast
 
 from rendezvous import logs
@@ -36,7 +37,7 @@ from rendezvous.protocol.routing import (
     route,
 )
 from rendezvous.protocol.totp import token_is_valid
-from rendezvous.server.hub import Hub
+from rendezvous.server.hub import Hub, Rejection
 
 # States. A connection only moves forward through these, except a mobile leg that is refused
 # on a keep-alive connection, which goes back to HEAD for the client's next request.
@@ -69,8 +70,8 @@ class Connection(asyncio.Protocol):
         "hub",
         "peer",
         "peername",
-        "received",
         "reading_paused",
+        "received",
         "scanned",
         "since",
         "skip",
@@ -247,6 +248,7 @@ class Connection(asyncio.Protocol):
         elif isinstance(decision, Pair):
             self.uuid = decision.uuid
             self.head = head
+            self.since = self.hub.loop.time()
             self._request_pairing()
         elif isinstance(decision, Challenge):
             close = head.is_upgrade or not head.keep_alive
@@ -303,6 +305,7 @@ class Connection(asyncio.Protocol):
         self.since = hub.loop.time()
         self._enable_keepalive()
         hub.stats.parked += 1
+        hub.stats.for_id(self.uuid).last_seen = time.time()
         hub.park(self)
         logs.event("parked", id=self.uuid, peer=self._peer_text(),
                    pool=hub.parked_count(self.uuid))
@@ -382,13 +385,19 @@ class Connection(asyncio.Protocol):
             self.transport.write(hidden.buffer)
         self.buffer = hidden.buffer = bytearray()
         now = hub.loop.time()
-        waited = now - hidden.since
+        latency = now - self.since
         self.state = hidden.state = RELAYING
         self.since = hidden.since = now
         hub.active_pairs += 1
-        hub.stats.pairings += 1
+        stats = hub.stats
+        stats.pairings += 1
+        stats.pairing_latencies.append(latency)
+        per_id = stats.for_id(self.uuid)
+        per_id.active += 1
+        per_id.pairings += 1
+        per_id.last_seen = time.time()
         logs.event("paired", id=self.uuid, mobile=self._peer_text(), hidden=hidden._peer_text(),
-                   hidden_parked_for=f"{waited:.3f}s")
+                   latency=f"{latency * 1000:.1f}ms")
         for leg in (self, hidden):
             if leg.reading_paused:
                 leg.reading_paused = False
@@ -411,8 +420,13 @@ class Connection(asyncio.Protocol):
         hub = self.hub
         mobile, hidden = (self, peer) if self.head is not None else (peer, self)
         hub.active_pairs -= 1
-        hub.stats.bytes_up += mobile.received
-        hub.stats.bytes_down += hidden.received
+        stats = hub.stats
+        stats.bytes_up += mobile.received
+        stats.bytes_down += hidden.received
+        per_id = stats.for_id(self.uuid)
+        per_id.active -= 1
+        per_id.bytes_up += mobile.received
+        per_id.bytes_down += hidden.received
         logs.event("closed", id=self.uuid, mobile=mobile._peer_text(),
                    bytes_up=mobile.received, bytes_down=hidden.received,
                    duration=f"{hub.loop.time() - mobile.since:.3f}s")
@@ -442,9 +456,12 @@ class Connection(asyncio.Protocol):
         self._close()
 
     def _note_rejection(self, reason: str, status: int | None) -> None:
-        self.hub.stats.rejections[reason] += 1
+        stats = self.hub.stats
+        peer = self._peer_text()
+        stats.rejections[reason] += 1
+        stats.recent_rejections.append(Rejection(time.time(), reason, status, self.uuid, peer))
         logs.event("rejected", reason=reason, status=status or "-", id=self.uuid or "-",
-                   peer=self._peer_text())
+                   peer=peer)
 
     def _close(self) -> None:
         self.state = CLOSED

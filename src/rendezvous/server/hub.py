@@ -20,6 +20,32 @@ if TYPE_CHECKING:
     from rendezvous.server.connection import Connection
 
 
+# How many recent rejections the status page can show.
+RECENT_REJECTIONS = 50
+
+
+@dataclass(slots=True)
+class IdStats:
+    """Totals for one hidden-server ID, updated at park, pairing and close (never per chunk)."""
+
+    active: int = 0
+    pairings: int = 0
+    bytes_up: int = 0  # mobile to hidden
+    bytes_down: int = 0  # hidden to mobile
+    last_seen: float = 0.0  # wall-clock time of its last park or pairing
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """One refused peer, for the status page."""
+
+    time: float
+    reason: str
+    status: int | None
+    uuid: str
+    peer: str
+
+
 @dataclass(slots=True)
 class Stats:
     """Running totals since start, for logs, status and metrics."""
@@ -29,6 +55,18 @@ class Stats:
     bytes_up: int = 0  # mobile to hidden
     bytes_down: int = 0  # hidden to mobile
     rejections: Counter[str] = field(default_factory=Counter)
+    recent_rejections: deque[Rejection] = field(
+        default_factory=lambda: deque(maxlen=RECENT_REJECTIONS))
+    per_id: dict[str, IdStats] = field(default_factory=dict)
+    # Seconds each pairing's mobile client waited from its head to the relay's start.
+    pairing_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def for_id(self, uuid: str) -> IdStats:
+        """The totals of ``uuid``, created on first use."""
+        found = self.per_id.get(uuid)
+        if found is None:
+            found = self.per_id[uuid] = IdStats()
+        return found
 
 
 class Hub:
