@@ -98,7 +98,8 @@ class ServerThread:
             self.call(self.registry.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
-        self.loop.close()
+        if not self._thread.is_alive():  # closing a loop that still runs would block
+            self.loop.close()
 
     # Clients ----------------------------------------------------------------------------
 
