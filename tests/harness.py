@@ -109,9 +109,11 @@ class ServerThread:
         context = ssl.create_default_context(cafile=str(self.tls.cert_file))
         return context
 
-    def connect(self, timeout: float = 5.0) -> socket.socket:
-        """A raw connection to the server (TLS when the server has it)."""
-        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+    def connect(self, timeout: float = 5.0, source: str | None = None) -> socket.socket:
+        """A raw connection to the server (TLS when the server has it), optionally from another
+        loopback source address such as 127.0.0.2."""
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout,
+                                       source_address=(source, 0) if source else None)
         if self.tls is None:
             return raw
         return self.client_context().wrap_socket(raw, server_hostname="127.0.0.1")

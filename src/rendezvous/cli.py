@@ -34,10 +34,17 @@ from rendezvous.config import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_HEAD_SIZE,
     DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_PER_ADDRESS,
     DEFAULT_PAIR_WAIT,
+    DEFAULT_PARKED_TIMEOUT,
     DEFAULT_POOL_SIZE,
     DEFAULT_PORT,
     DEFAULT_SETTLE,
+    PER_ADDRESS_BURST,
+    PER_ADDRESS_INTERVAL,
+    PER_ID_BURST,
+    PER_ID_INTERVAL,
+    GuessLimits,
     Limits,
     ServerConfig,
     TLSConfig,
@@ -250,6 +257,36 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="N",
         help="most open client connections (default: %(default)s)",
     )
+    limits.add_argument(
+        "--max-per-address",
+        type=_int_in(1),
+        default=DEFAULT_MAX_PER_ADDRESS,
+        metavar="N",
+        help="most open connections from one IP address (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--parked-timeout",
+        type=_seconds(allow_zero=False),
+        default=DEFAULT_PARKED_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection parked unpaired this long (default: %(default)s)",
+    )
+    guesses = p.add_argument_group(
+        "failed CONNECTs",
+        "Wrong tokens and unknown IDs are limited by token buckets, per source address and per "
+        "ID; past them a CONNECT gets 429 with Retry-After and its token is not even checked. "
+        "An address that parked for an ID skips that ID's bucket.",
+    )
+    guesses.add_argument("--failures-per-address", type=_int_in(1), default=PER_ADDRESS_BURST,
+                         metavar="N", help="burst per address (default: %(default)s)")
+    guesses.add_argument("--failure-interval-per-address", type=_seconds(allow_zero=False),
+                         default=PER_ADDRESS_INTERVAL, metavar="SECONDS",
+                         help="then one more every SECONDS (default: %(default)s)")
+    guesses.add_argument("--failures-per-id", type=_int_in(1), default=PER_ID_BURST,
+                         metavar="N", help="burst per ID (default: %(default)s)")
+    guesses.add_argument("--failure-interval-per-id", type=_seconds(allow_zero=False),
+                         default=PER_ID_INTERVAL, metavar="SECONDS",
+                         help="then one more every SECONDS (default: %(default)s)")
     run = p.add_argument_group("runtime")
     run.add_argument(
         "--log-format",
@@ -549,6 +586,14 @@ def _serve(args: argparse.Namespace) -> int:
             max_head_size=args.max_head_size,
             max_headers=args.max_headers,
             max_connections=args.max_connections,
+            max_per_address=args.max_per_address,
+            parked_timeout=args.parked_timeout,
+            guesses=GuessLimits(
+                per_address_burst=args.failures_per_address,
+                per_address_interval=args.failure_interval_per_address,
+                per_id_burst=args.failures_per_id,
+                per_id_interval=args.failure_interval_per_id,
+            ),
         ),
         log_format=args.log_format,
         use_uvloop=not args.no_uvloop,

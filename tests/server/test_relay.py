@@ -8,6 +8,7 @@ in order, with flow control, and a close on one side closes the other.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import random
@@ -406,6 +407,31 @@ def test_hidden_side_answer_then_close_is_delivered_whole(tmp_path: Path) -> Non
             mobile.close()
             hidden.close()
     assert received == answer
+
+
+@pytest.mark.parametrize("first", ["hidden", "mobile"])
+def test_every_way_of_ending_a_pair_is_accounted(tmp_path: Path, first: str) -> None:
+    """One side closes; the other then sends its own close_notify (as curl does): the pair is
+    counted closed with its bytes, whichever order the two ends arrive in."""
+    with running_server(tmp_path, pair_wait=0.5) as s:
+        entry = s.add_entry()
+        mobile, hidden, _ = pair(s, entry)
+        hidden.sendall(b"pong")
+        assert recv_exactly(mobile, 4) == b"pong"
+        closer, other = (hidden, mobile) if first == "hidden" else (mobile, hidden)
+        closer.close()
+        assert_closes_within(other, 2.0)
+        with contextlib.suppress(OSError, ValueError):
+            other.unwrap()  # type: ignore[attr-defined]
+        other.close()
+        hub = s.server.hub
+        assert hub is not None
+        deadline = time.monotonic() + 5
+        while s.sync(lambda: hub.active_pairs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s.sync(lambda: hub.active_pairs) == 0
+        assert s.sync(lambda: hub.stats.bytes_down) == 4
+        assert s.open_connections() == 0
 
 
 # Leaks ----------------------------------------------------------------------------------

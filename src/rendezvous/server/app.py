@@ -77,6 +77,7 @@ class RendezvousServer:
             backlog=LISTEN_BACKLOG,
             reuse_address=True,
         )
+        hub.start_sweeping()
         logs.event("listening", addresses=",".join(self.addresses),
                    tls="on" if self.ssl_context else "off", registry=self.registry.url)
 
@@ -87,6 +88,7 @@ class RendezvousServer:
             self._server.close()
         hub = self.hub
         if hub is not None:
+            hub.stop_sweeping()
             hub.close_parked()
             deadline = hub.loop.time() + grace
             while hub.active_pairs > 0 and hub.loop.time() < deadline:

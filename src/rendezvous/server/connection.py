@@ -12,6 +12,7 @@ as little Python per chunk as possible: the relaying path is two lines in ``data
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import time
 from typing import cast
@@ -30,6 +31,7 @@ from rendezvous.protocol.routing import (
     DIAG_EARLY_DATA,
     DIAG_INVALID,
     DIAG_NOT_REGISTERED,
+    DIAG_TOO_MANY,
     Challenge,
     Pair,
     Park,
@@ -108,8 +110,14 @@ class Connection(asyncio.Protocol):
         hub.connections.add(self)
         peername = transport.get_extra_info("peername")
         self.peername = (str(peername[0]), int(peername[1])) if peername else None
+        address = self.address
+        hub.per_address[address] += 1
         if hub.open_connections > hub.limits.max_connections:
-            self._reject("too many connections", responses.status_only(503))
+            self._reject("too many connections", responses.status_only(503), status=503)
+            return
+        if hub.per_address[address] > hub.limits.max_per_address:
+            self._reject("too many connections from this address",
+                         responses.status_only(503), status=503)
             return
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -131,7 +139,9 @@ class Connection(asyncio.Protocol):
             peer = self.peer
             assert peer is not None
             if peer.eof or peer.state == CLOSED:
-                self._close()
+                # Both directions are done. Close without leaving RELAYING: connection_lost
+                # must still account for the pair.
+                self.transport.close()
                 return None
             if peer.transport.can_write_eof():
                 peer.transport.write_eof()
@@ -148,6 +158,11 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         hub = self.hub
         hub.connections.discard(self)
+        address = self.address
+        if hub.per_address[address] <= 1:
+            del hub.per_address[address]
+        else:
+            hub.per_address[address] -= 1
         state, self.state = self.state, CLOSED
         self._cancel_timer()
         if state == RELAYING:
@@ -243,8 +258,15 @@ class Connection(asyncio.Protocol):
                 self._reject("data before CONNECT answer",
                              responses.bare_error(409, DIAG_EARLY_DATA), status=409)
                 return
+            hub = self.hub
+            wait = hub.guesses.retry_after(self.address, self.uuid, hub.loop.time())
+            if wait > 0:
+                header = b"Retry-After: %d\r\n" % math.ceil(wait)
+                self._reject("too many failed attempts",
+                             responses.bare_error(429, DIAG_TOO_MANY, extra=header), status=429)
+                return
             self.state = VERIFYING
-            self.hub.spawn(self._verify(decision))
+            hub.spawn(self._verify(decision))
         elif isinstance(decision, Pair):
             self.uuid = decision.uuid
             self.head = head
@@ -297,8 +319,10 @@ class Connection(asyncio.Protocol):
             return  # the peer left, or broke the protocol, while we looked it up
         if entry is None or not token_is_valid(entry.base32, entry.step, park.token):
             reason = "unknown ID" if entry is None else "wrong token"
+            hub.guesses.failed(self.address, park.uuid, hub.loop.time())
             self._reject(reason, responses.bare_error(401, DIAG_INVALID), status=401)
             return
+        hub.guesses.succeeded(self.address, park.uuid, hub.loop.time())
         self._cancel_timer()
         self.transport.write(responses.PARKED)
         self.state = PARKED
@@ -320,10 +344,10 @@ class Connection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
-    def evict(self) -> None:
+    def evict(self, reason: str) -> None:
         """Close a parked connection the pool no longer keeps."""
         if self.state == PARKED:
-            logs.event("evicted", id=self.uuid, peer=self._peer_text())
+            logs.event("evicted", id=self.uuid, peer=self._peer_text(), reason=reason)
             self._close()
 
     # Mobile side ---------------------------------------------------------------------------
@@ -467,6 +491,11 @@ class Connection(asyncio.Protocol):
         self.state = CLOSED
         self._cancel_timer()
         self.transport.close()
+
+    @property
+    def address(self) -> str:
+        """The peer's IP address (or "-" when unknown, e.g. a Unix socket)."""
+        return self.peername[0] if self.peername else "-"
 
     def _peer_text(self) -> str:
         if self.peername is None:

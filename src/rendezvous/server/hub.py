@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from rendezvous.config import Limits
 from rendezvous.registry import Registry
+from rendezvous.server.ratelimit import GuessLimiter
 
 if TYPE_CHECKING:
     from rendezvous.server.connection import Connection
@@ -82,6 +83,9 @@ class Hub:
         self.pools: dict[str, deque[Connection]] = {}
         self.waiting: dict[str, deque[Connection]] = {}
         self.connections: set[Connection] = set()  # every open one, to cut them at shutdown
+        self.per_address: Counter[str] = Counter()  # open connections by source address
+        self.guesses = GuessLimiter(limits.guesses)
+        self._sweeper: asyncio.TimerHandle | None = None
         self.active_pairs = 0
         self.stats = Stats()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -105,7 +109,7 @@ class Hub:
             return
         pool = self.pools.setdefault(hidden.uuid, deque())
         if len(pool) >= self.limits.pool_size:
-            pool.popleft().evict()  # the oldest goes: a bound of 1 behaves like the original
+            pool.popleft().evict("pool full")  # the oldest goes: a bound of 1 = the original
         pool.append(hidden)
 
     def return_to_pool(self, hidden: Connection) -> None:
@@ -172,9 +176,31 @@ class Hub:
         for connection in list(self.connections):
             connection.transport.abort()
 
+    def start_sweeping(self) -> None:
+        """Close parked connections older than ``parked_timeout``, checking periodically.
+
+        Pools are in parking order, so only each pool's head needs looking at: no timer per
+        parked connection.
+        """
+        now = self.loop.time()
+        deadline = now - self.limits.parked_timeout
+        for pool in list(self.pools.values()):
+            while pool and pool[0].since < deadline:
+                pool[0].evict("parked too long")  # its connection_lost unparks it
+                pool.popleft()
+        for uuid in [uuid for uuid, pool in self.pools.items() if not pool]:
+            del self.pools[uuid]
+        interval = min(30.0, max(0.05, self.limits.parked_timeout / 4))
+        self._sweeper = self.loop.call_later(interval, self.start_sweeping)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
     def close_parked(self) -> None:
         """Close every parked connection (shutdown)."""
         for pool in list(self.pools.values()):
             for hidden in list(pool):
-                hidden.evict()
+                hidden.evict("shutting down")
         self.pools.clear()

@@ -1,0 +1,745 @@
+"""The mobile client: reach a hidden server through the relay from any HTTP client.
+
+Two ways in, both naming the hidden server by its ID the way a stock client does (PROTOCOL.md §2):
+
+* :func:`open_tunnel` — a local TCP listener, like ``ssh -L``. Every connection a local client
+  (a browser, curl, any HTTP library, no credentials needed) opens becomes one pairing at the
+  relay: the tunnel reads the client's first request head, adds the ``Authorization`` that names
+  the hidden server, and from then on copies bytes both ways. Later requests on that connection
+  go to the same hidden server unchanged, as the relay passes them on.
+* :func:`client` and :func:`async_client` — an httpx client whose base URL is the relay and
+  whose Digest credentials name the hidden server.
+
+The local client's own ``Authorization`` header (on its first request) is always dropped: the
+relay would strip it anyway (it names the hidden server, never reaches it), and only one header
+can name the ID. Credentials meant for the hidden server itself can still travel on later
+requests of the same connection, or in another header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.request import parse_http_list, parse_keqv_list
+
+import httpx
+
+from rendezvous import logs
+from rendezvous.config import DEFAULT_MAX_HEAD_SIZE, DEFAULT_MAX_HEADERS
+from rendezvous.protocol import responses
+from rendezvous.protocol.head import (
+    HeadError,
+    HeadTooLarge,
+    RequestHead,
+    find_head_end,
+    parse_head,
+)
+from rendezvous.tls import client_ssl_context
+
+Auth = Literal["basic", "digest"]
+AUTH_SCHEMES: tuple[Auth, ...] = ("basic", "digest")
+
+# The password that goes with the ID: the relay reads only the user name.
+PASSWORD = "x"
+DEFAULT_LISTEN = ("127.0.0.1", 8080)
+
+# Bytes per read on either side: 256 KiB reads nearly double a streams relay over 64 KiB ones.
+READ_CHUNK = 256 * 1024
+# TCP connect plus TLS handshake to the relay; beyond it the local client gets 502.
+CONNECT_TIMEOUT = 10.0
+# Time the local client gets to send its first request head. Browsers open spare connections
+# that never send one; they must not hold a task (or a relay connection) for long.
+LOCAL_HEAD_TIMEOUT = 15.0
+# Time the relay gets to answer the Digest probe with its challenge.
+CHALLENGE_TIMEOUT = 10.0
+# The local client's first head, as the relay would bound it.
+MAX_HEAD_SIZE = DEFAULT_MAX_HEAD_SIZE
+MAX_HEADERS = DEFAULT_MAX_HEADERS
+# The first response is inspected for a relay error only this far; a longer head passes as is.
+MAX_RESPONSE_HEAD = 64 * 1024
+# The relay's error bodies are under 200 bytes; a longer body is never one of them.
+MAX_ERROR_BODY = 4096
+# A local client that half-closed (EOF) and hears nothing from the hidden server for this long
+# is taken to be gone: asyncio cannot half-close the TLS leg to let the hidden server know.
+HALF_CLOSED_IDLE = 60.0
+# Bound on waiting for a transport to finish closing (a TLS close_notify exchange, a flush).
+CLOSE_TIMEOUT = 5.0
+
+_CRLF = b"\r\n"
+_HEAD_END = b"\r\n\r\n"
+
+
+# ---------------------------------------------------------------------------- httpx helpers
+
+
+def base_url(server: tuple[str, int]) -> str:
+    """``https://host:port`` of the relay at ``server`` (IPv6 hosts in brackets)."""
+    host, port = server
+    return f"https://{_url_host(host)}:{port}"
+
+
+def client(
+    uuid: str, server: tuple[str, int], *, ca_pem: str | None = None, **httpx_kwargs: Any
+) -> httpx.Client:
+    """An ``httpx.Client`` that reaches hidden server ``uuid`` through the relay at ``server``.
+
+    Its base URL is the relay (``client.get("/status")``), its credentials Digest with the ID as
+    user name, and it trusts ``ca_pem`` (the relay's self-signed certificate or CA, as in a
+    provisioning file; None: the system's trust store). ``httpx_kwargs`` go to ``httpx.Client``
+    and override these settings.
+    """
+    return httpx.Client(**_httpx_settings(uuid, server, ca_pem, httpx_kwargs))
+
+
+def async_client(
+    uuid: str, server: tuple[str, int], *, ca_pem: str | None = None, **httpx_kwargs: Any
+) -> httpx.AsyncClient:
+    """The ``httpx.AsyncClient`` counterpart of :func:`client`."""
+    return httpx.AsyncClient(**_httpx_settings(uuid, server, ca_pem, httpx_kwargs))
+
+
+def _httpx_settings(
+    uuid: str, server: tuple[str, int], ca_pem: str | None, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "base_url": base_url(server),
+        "auth": httpx.DigestAuth(uuid, PASSWORD),
+        "verify": client_ssl_context(ca_pem),
+        **overrides,
+    }
+
+
+# ---------------------------------------------------------------------------- relay responses
+
+
+def relay_diagnostic(status: int, body: bytes) -> str | None:
+    """The diagnostic when ``body`` is the relay's own JSON error body, else None.
+
+    The relay writes ``{"error":{"permanent":...,"diagnostic":"..."}}`` byte for byte
+    (``responses.error_body``); only that exact form counts, so a hidden server's JSON error is
+    not mistaken for the relay's.
+    """
+    if status < 400 or len(body) > MAX_ERROR_BODY:
+        return None
+    try:
+        document = json.loads(body)
+        error = document["error"]
+        diagnostic, permanent = error["diagnostic"], error["permanent"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(diagnostic, str) or not isinstance(permanent, bool):
+        return None
+    if body != responses.error_body(diagnostic, permanent):
+        return None
+    return diagnostic
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """A response's status line and headers, as far as the tunnel needs them."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive)."""
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    @property
+    def content_length(self) -> int | None:
+        value = (self.header("content-length") or "").strip()
+        return int(value) if value.isdigit() else None
+
+    @property
+    def closes(self) -> bool:
+        """The server closes the connection after this response."""
+        return "close" in (self.header("connection") or "").lower()
+
+
+def parse_response_head(data: bytes) -> ResponseHead | None:
+    """Parse a response head ending in its blank line; None when it is not HTTP/1.x."""
+    lines = data.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+        return None
+    headers = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            return None
+        headers.append((name.strip(), value.strip()))
+    return ResponseHead(int(code), reason.strip(), tuple(headers))
+
+
+# ---------------------------------------------------------------------------- Digest
+
+
+def digest_authorization(
+    challenge: str, username: str, password: str, method: str, uri: str, cnonce: str | None = None
+) -> str | None:
+    """The ``Authorization`` value answering a ``WWW-Authenticate: Digest ...`` challenge
+    (RFC 7616: MD5, MD5-sess, SHA-256 and SHA-256-sess; ``qop=auth`` when offered).
+
+    None when ``challenge`` is not a Digest challenge with a nonce.
+    """
+    scheme, _, rest = challenge.strip().partition(" ")
+    if scheme.lower() != "digest":
+        return None
+    try:
+        params = parse_keqv_list(parse_http_list(rest))
+    except ValueError:
+        return None
+    realm, nonce = params.get("realm", ""), params.get("nonce")
+    if not nonce:
+        return None
+    algorithm = params.get("algorithm", "MD5")
+    base = algorithm.upper().removesuffix("-SESS")
+    if base not in ("MD5", "SHA-256"):
+        return None
+
+    def h(text: str) -> str:
+        data = text.encode("utf-8")
+        return hashlib.md5(data).hexdigest() if base == "MD5" else hashlib.sha256(data).hexdigest()
+
+    cnonce = cnonce or os.urandom(16).hex()
+    ha1 = h(f"{username}:{realm}:{password}")
+    if algorithm.upper().endswith("-SESS"):
+        ha1 = h(f"{ha1}:{nonce}:{cnonce}")
+    ha2 = h(f"{method}:{uri}")
+    qops = [q.strip().lower() for q in params.get("qop", "").split(",")]
+    fields = [
+        f'username="{_quote(username)}"',
+        f'realm="{_quote(realm)}"',
+        f'nonce="{_quote(nonce)}"',
+        f'uri="{_quote(uri)}"',
+        f"algorithm={algorithm}",
+    ]
+    if "auth" in qops:
+        nc = "00000001"
+        fields.append(f'response="{h(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}")}"')
+        fields += ["qop=auth", f"nc={nc}", f'cnonce="{cnonce}"']
+    else:
+        fields.append(f'response="{h(f"{ha1}:{nonce}:{ha2}")}"')
+    if "opaque" in params:
+        fields.append(f'opaque="{_quote(params["opaque"])}"')
+    return "Digest " + ", ".join(fields)
+
+
+def basic_authorization(username: str, password: str = PASSWORD) -> str:
+    """``Basic base64(username:password)``."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def with_authorization(head: RequestHead, authorization: str) -> bytes:
+    """The head as the relay must see it: the local client's ``Authorization`` dropped, ours
+    added last."""
+    forwarded = head.forwarded()  # ends in the blank line; already without Authorization
+    return forwarded[:-2] + b"Authorization: " + authorization.encode("latin-1") + _HEAD_END
+
+
+# ---------------------------------------------------------------------------- the tunnel
+
+
+class RelayUnreachable(Exception):
+    """The relay could not be reached, or its TLS handshake failed; the text says which."""
+
+
+class _RelayRefused(Exception):
+    """The relay answered before pairing with something other than what the tunnel expects;
+    ``data`` is that answer, to pass on to the local client."""
+
+    def __init__(self, data: bytes, status: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.data = data
+        self.status = status
+        self.reason = reason
+
+
+class Tunnel:
+    """A local listener whose every connection reaches hidden server ``uuid`` through the relay.
+
+    ``await start()`` binds ``listen`` (port 0 picks a free one, see :attr:`port`);
+    ``await close()`` stops listening and cuts open tunnels. Also an async context manager.
+    """
+
+    def __init__(
+        self,
+        uuid: str,
+        server: tuple[str, int],
+        *,
+        ca_pem: str | None = None,
+        listen: tuple[str, int] = DEFAULT_LISTEN,
+        auth: Auth = "basic",
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        if auth not in AUTH_SCHEMES:
+            raise ValueError(f"auth must be one of {', '.join(AUTH_SCHEMES)}, not {auth!r}")
+        self.uuid = uuid
+        self.server = server
+        self.listen = listen
+        self.auth: Auth = auth
+        self.connect_timeout = connect_timeout
+        self.ssl_context = client_ssl_context(ca_pem)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def port(self) -> int:
+        """The local port bound."""
+        assert self._server is not None, "tunnel not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/`` of the local listener."""
+        return f"http://{_url_host(self.listen[0])}:{self.port}/"
+
+    @property
+    def relay(self) -> str:
+        """``host:port`` of the relay."""
+        host, port = self.server
+        return f"{_url_host(host)}:{port}"
+
+    async def start(self) -> None:
+        """Bind the local listener; raises OSError when the address is taken or unusable."""
+        host, port = self.listen
+        self._server = await asyncio.start_server(
+            self._accepted, host=host, port=port, limit=READ_CHUNK, reuse_address=True
+        )
+        logs.event("listening", address=f"{_url_host(host)}:{self.port}", id=self.uuid,
+                   relay=self.relay, auth=self.auth)
+
+    async def close(self) -> None:
+        """Stop listening and cut every open tunnel."""
+        if self._server is not None:
+            self._server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), CLOSE_TIMEOUT)
+
+    async def __aenter__(self) -> Tunnel:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await _Pairing(self, reader, writer).run()
+        except asyncio.CancelledError:
+            # close() cut this connection. Ending the task quietly keeps asyncio (3.11) from
+            # reporting the cancellation of a connection callback as an error.
+            pass
+        except Exception:  # one local connection's surprise must not reach the listener
+            logs.log.exception("tunnel failed")
+        finally:
+            self._tasks.discard(task)
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TLS connection to the relay; raises RelayUnreachable saying why not."""
+        host, port = self.server
+        where = self.relay
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                return await asyncio.open_connection(
+                    host, port, ssl=self.ssl_context, server_hostname=host,
+                    ssl_handshake_timeout=self.connect_timeout, limit=READ_CHUNK,
+                )
+        except TimeoutError:
+            raise RelayUnreachable(
+                f"relay {where} did not answer within {self.connect_timeout:g} s") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise RelayUnreachable(
+                f"relay {where} failed TLS verification: {exc.verify_message or exc.reason} "
+                "(is --ca the relay's certificate?)") from None
+        except ssl.SSLError as exc:
+            raise RelayUnreachable(
+                f"TLS handshake with relay {where} failed: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise RelayUnreachable(f"cannot reach relay {where}: {_os_error_text(exc)}"
+                                   ) from None
+
+
+class _Pairing:
+    """One local connection: its first head, the relay connection, then bytes both ways."""
+
+    def __init__(
+        self, tunnel: Tunnel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.tunnel = tunnel
+        self.local_reader = reader
+        self.local_writer = writer
+        self.relay_reader: asyncio.StreamReader | None = None
+        self.relay_writer: asyncio.StreamWriter | None = None
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{_url_host(str(peer[0]))}:{peer[1]}" if peer else "-"
+        self.up = 0  # bytes from the local client to the relay
+        self.down = 0  # bytes from the relay to the local client
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            first = await self._read_first_head()
+            if first is None:
+                return
+            head, rest = first
+            opened = loop.time()
+            try:
+                await self._open(head, rest)
+            except RelayUnreachable as exc:
+                logs.event("relay error", level=logging.WARNING, status=502, id=self.tunnel.uuid,
+                           peer=self.peer, reason=str(exc))
+                await self._answer(responses.full_error(502, str(exc), close=True))
+                return
+            except _RelayRefused as exc:
+                logs.event("relay error", level=logging.WARNING, status=exc.status or "-",
+                           id=self.tunnel.uuid, peer=self.peer, reason=exc.reason)
+                await self._answer(exc.data)
+                return
+            logs.event("tunnel opened", id=self.tunnel.uuid, peer=self.peer,
+                       method=head.method, target=head.target)
+            try:
+                await self._relay()
+            finally:
+                logs.event("tunnel closed", id=self.tunnel.uuid, peer=self.peer,
+                           bytes_up=self.up, bytes_down=self.down,
+                           duration=f"{loop.time() - opened:.3f}s")
+        finally:
+            await self._close_all()
+
+    # The first request ---------------------------------------------------------------------
+
+    async def _read_first_head(self) -> tuple[RequestHead, bytes] | None:
+        """The local client's first head and the bytes read past it; None after answering
+        (or dropping) a client that sent no usable head."""
+        buffer = bytearray()
+        scanned = 0
+        try:
+            async with asyncio.timeout(LOCAL_HEAD_TIMEOUT):
+                while (end := find_head_end(buffer, MAX_HEAD_SIZE, scanned)) < 0:
+                    scanned = len(buffer)
+                    data = await self.local_reader.read(READ_CHUNK)
+                    if not data:
+                        return None  # a spare connection, closed unused
+                    buffer += data
+            head = parse_head(bytes(buffer[:end]), MAX_HEADERS)
+            self.up += end
+        except TimeoutError:
+            if buffer:
+                await self._local_error(408, "request head timeout", responses.status_only(408))
+            return None
+        except (ConnectionError, OSError):
+            return None
+        except HeadError as exc:
+            answer = (responses.status_only(exc.status) if isinstance(exc, HeadTooLarge) else
+                      responses.full_error(exc.status, exc.reason, permanent=True, close=True))
+            await self._local_error(exc.status, exc.reason, answer)
+            return None
+        if head.method == "CONNECT":
+            reason = "CONNECT cannot go through a tunnel: it already leads to one hidden server"
+            await self._local_error(
+                405, reason, responses.full_error(405, reason, permanent=True, close=True))
+            return None
+        return head, bytes(buffer[end:])
+
+    async def _local_error(self, status: int, reason: str, answer: bytes) -> None:
+        logs.event("rejected", level=logging.WARNING, status=status, peer=self.peer,
+                   reason=reason)
+        await self._answer(answer)
+
+    async def _answer(self, data: bytes) -> None:
+        """Write ``data`` to the local client (it is closed after)."""
+        with contextlib.suppress(ConnectionError, OSError):
+            self.local_writer.write(data)
+            await self.local_writer.drain()
+
+    async def _open(self, head: RequestHead, rest: bytes) -> None:
+        """Connect to the relay and send it the first request with our credentials."""
+        tunnel = self.tunnel
+        self.relay_reader, self.relay_writer = await tunnel.connect()
+        if tunnel.auth == "basic":
+            authorization = basic_authorization(tunnel.uuid)
+        else:
+            authorization = await self._answer_challenge(head)
+        self.relay_writer.write(with_authorization(head, authorization) + rest)
+        self.up += len(rest)
+        await self._drain_relay()
+
+    async def _answer_challenge(self, head: RequestHead) -> str:
+        """Send a bodiless probe, read the relay's 401 Digest challenge and answer it.
+
+        The relay keeps the connection for the retry, as it does for curl; if it closes it
+        instead (node-rendezvous on some requests), a new one is opened.
+        """
+        reader, writer = self.relay_reader, self.relay_writer
+        assert reader is not None and writer is not None
+        uri = head.target if head.target.startswith("/") else "/"
+        host = self.tunnel.relay
+        writer.write(f"GET {uri} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n".encode())
+        await self._drain_relay()
+        try:
+            async with asyncio.timeout(CHALLENGE_TIMEOUT):
+                data, end, _ = await _read_head(reader, MAX_RESPONSE_HEAD)
+                answer = parse_response_head(data[:end]) if end > 0 else None
+                if answer is None:
+                    raise _RelayRefused(data, None, "the relay did not answer with HTTP")
+                if answer.status != 401:
+                    data += await _read_rest(reader, answer, data[end:])
+                    reason = relay_diagnostic(answer.status, data[end:]) or answer.reason
+                    raise _RelayRefused(data, answer.status, reason)
+                challenge = answer.header("www-authenticate") or ""
+                authorization = digest_authorization(
+                    challenge, self.tunnel.uuid, PASSWORD, head.method, head.target)
+                if authorization is None:  # no Digest challenge: Basic names the ID as well
+                    authorization = basic_authorization(self.tunnel.uuid)
+                reusable = await _skip_body(reader, answer, data[end:])
+        except TimeoutError:
+            raise RelayUnreachable(
+                f"relay {host} did not answer within {CHALLENGE_TIMEOUT:g} s") from None
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
+            raise RelayUnreachable(f"relay {host} closed the connection: {exc}") from None
+        if not reusable:
+            await _close_writer(writer)
+            self.relay_reader, self.relay_writer = await self.tunnel.connect()
+        return authorization
+
+    async def _drain_relay(self) -> None:
+        assert self.relay_writer is not None
+        try:
+            await self.relay_writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise RelayUnreachable(f"relay {self.tunnel.relay} closed the connection: {exc}"
+                                   ) from None
+
+    # Relaying ------------------------------------------------------------------------------
+
+    async def _relay(self) -> None:
+        """Copy bytes both ways until the relay side ends (or the local side fails)."""
+        up = asyncio.create_task(self._pump_up())
+        down = asyncio.create_task(self._pump_down())
+        try:
+            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+            if up.done() and not down.done() and up.result():
+                # The local client sent EOF: stop reading it, keep the answer coming, but do
+                # not wait forever for a peer that may have closed altogether.
+                while not down.done():
+                    before = self.down
+                    await asyncio.wait({down}, timeout=HALF_CLOSED_IDLE)
+                    if self.down == before:
+                        break
+        finally:
+            for task in (up, down):
+                task.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+
+    async def _pump_up(self) -> bool:
+        """Local client to relay; True when the local client ended with EOF."""
+        reader, writer = self.local_reader, self.relay_writer
+        assert writer is not None
+        try:
+            while data := await reader.read(READ_CHUNK):
+                self.up += len(data)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return False
+        return True
+
+    async def _pump_down(self) -> None:
+        """Relay to local client: the first response checked for a relay error, then as is."""
+        reader, writer = self.relay_reader, self.local_writer
+        assert reader is not None
+        try:
+            if not await self._first_response():
+                return
+            while data := await reader.read(READ_CHUNK):
+                self.down += len(data)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return
+
+    async def _first_response(self) -> bool:
+        """Pass on the answer to the first request; False when the tunnel must end with it.
+
+        A relay error (``404 UUID not registered``: no hidden server parked in time) is logged
+        and ends the tunnel: on a kept-alive connection the relay would next answer the local
+        client's second request, which carries no credentials, with a 401 it cannot answer.
+        A fresh connection gets a fresh pairing.
+        """
+        reader, writer = self.relay_reader, self.local_writer
+        assert reader is not None
+        data, end, eof = await _read_head(reader, MAX_RESPONSE_HEAD)
+        answer = parse_response_head(data[:end]) if end > 0 else None
+        diagnostic = None
+        if answer is not None and answer.status >= 400 and _may_be_relay_error(answer):
+            data += await _read_rest(reader, answer, data[end:])
+            diagnostic = relay_diagnostic(answer.status, data[end:])
+        self.down += len(data)
+        writer.write(data)
+        await writer.drain()
+        if diagnostic is not None:
+            assert answer is not None
+            logs.event("relay error", level=logging.WARNING, status=answer.status,
+                       id=self.tunnel.uuid, peer=self.peer, reason=diagnostic)
+            return False
+        return not eof
+
+    async def _close_all(self) -> None:
+        writers = [w for w in (self.relay_writer, self.local_writer) if w is not None]
+        await asyncio.gather(*(_close_writer(w) for w in writers))
+
+
+def _may_be_relay_error(answer: ResponseHead) -> bool:
+    """Whether the relay may have written this head: its full form (JSON, short, framed by
+    Content-Length) or its bare one (no reason phrase, no framing; closed after the body)."""
+    if answer.header("transfer-encoding") is not None:
+        return False
+    length = answer.content_length
+    if length is not None:
+        content_type = (answer.header("content-type") or "").lower()
+        return length <= MAX_ERROR_BODY and content_type.startswith("application/json")
+    return not answer.reason and all(n.lower() == "retry-after" for n, _ in answer.headers)
+
+
+async def _read_head(reader: asyncio.StreamReader, limit: int) -> tuple[bytes, int, bool]:
+    """Read until a blank line ends a head: (everything read, index past the head or -1 when
+    EOF or ``limit`` came first, whether EOF came)."""
+    data = bytearray()
+    while True:
+        end = data.find(_HEAD_END)
+        if end >= 0:
+            return bytes(data), end + len(_HEAD_END), False
+        if len(data) > limit:
+            return bytes(data), -1, False
+        chunk = await reader.read(READ_CHUNK)
+        if not chunk:
+            return bytes(data), -1, True
+        data += chunk
+
+
+async def _read_rest(reader: asyncio.StreamReader, answer: ResponseHead, have: bytes) -> bytes:
+    """The rest of a short body (Content-Length, or up to the close, bounded); what more was
+    read past ``have``."""
+    length = answer.content_length
+    want = MAX_ERROR_BODY + 1 if length is None else min(length, MAX_ERROR_BODY + 1)
+    more = bytearray()
+    while len(have) + len(more) < want:
+        chunk = await reader.read(want - len(have) - len(more))
+        if not chunk:
+            break
+        more += chunk
+    return bytes(more)
+
+
+async def _skip_body(reader: asyncio.StreamReader, answer: ResponseHead, have: bytes) -> bool:
+    """Consume the body of the relay's 401; True when the connection stays usable after it."""
+    if answer.closes:
+        return False
+    length = answer.content_length
+    if length is not None:
+        if length > MAX_ERROR_BODY or len(have) > length:
+            return False
+        if length > len(have):
+            await reader.readexactly(length - len(have))
+        return True
+    if "chunked" in (answer.header("transfer-encoding") or "").lower():
+        # node-rendezvous sent an empty chunked body: "0", perhaps trailers, then a blank line.
+        buffer = bytearray(have)
+        while (end := buffer.find(_HEAD_END)) < 0:
+            if len(buffer) > MAX_ERROR_BODY:
+                return False
+            chunk = await reader.read(MAX_ERROR_BODY)
+            if not chunk:
+                return False
+            buffer += chunk
+        return buffer.startswith(b"0") and end + len(_HEAD_END) == len(buffer)
+    return False  # a body delimited by the close
+
+
+def _os_error_text(exc: OSError) -> str:
+    """``Connection refused`` rather than asyncio's ``Connect call failed ('host', port)``."""
+    if isinstance(exc, socket.gaierror):
+        return str(exc.strerror or exc)
+    if exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc)
+
+
+async def _close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+async def open_tunnel(
+    uuid: str,
+    server: tuple[str, int],
+    *,
+    ca_pem: str | None = None,
+    listen: tuple[str, int] = DEFAULT_LISTEN,
+    auth: Auth = "basic",
+) -> Tunnel:
+    """Start a :class:`Tunnel` on ``listen`` to hidden server ``uuid`` via the relay at
+    ``server``, trusting ``ca_pem`` for the relay (None: the system's trust store).
+
+    ``auth`` picks how the tunnel names the ID: ``"basic"`` (one round trip) or ``"digest"``
+    (answers the relay's challenge, as curl --digest does). Close it with ``await tunnel.close()``.
+    """
+    tunnel = Tunnel(uuid, server, ca_pem=ca_pem, listen=listen, auth=auth)
+    await tunnel.start()
+    return tunnel
+
+
+async def serve_until_signalled(tunnel: Tunnel, ready: Callable[[Tunnel], None]) -> None:
+    """Start ``tunnel``, call ``ready`` with it, and serve until SIGINT or SIGTERM."""
+    await tunnel.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        ready(tunnel)
+        await stop.wait()
+    finally:
+        logs.event("stopping", listening=tunnel.url)
+        await tunnel.close()
+        logs.event("stopped")
