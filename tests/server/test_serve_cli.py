@@ -139,3 +139,28 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path, relay: Relay) -> None:
                         str(tmp_path / "other"), env={**os.environ})
     assert result.returncode == 2
     assert "cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sighup_reloads_the_certificate_without_dropping_parked_connections(
+        relay: Relay) -> None:
+    provisioning = relay.add()
+    hidden = park(provisioning, relay.port)
+    assert recv_exactly(hidden, len(PARKED)) == PARKED
+    old_cert = (relay.data_dir / "cert.pem").read_text()
+    made = rendezvous("cert", "--host", "127.0.0.1", "--host", "renewed.example", "--out-dir",
+                      str(relay.data_dir), "--force")
+    assert made.returncode == 0, made.stderr
+    new_cert = (relay.data_dir / "cert.pem").read_text()
+    assert new_cert != old_cert
+    relay.proc.send_signal(signal.SIGHUP)
+    deadline = 50
+    while "reloaded certificate" not in relay.log.read_text() and deadline:
+        deadline -= 1
+        threading.Event().wait(0.1)
+    served = ssl.get_server_certificate(("127.0.0.1", relay.port))
+    assert served.strip() == new_cert.strip()
+    hidden.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        hidden.recv(1)  # still parked, nothing dropped
+    hidden.close()
+    assert relay.proc.poll() is None

@@ -101,6 +101,24 @@ class RendezvousServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
 
+    def reload_tls(self) -> None:
+        """Load the certificate and key files again (SIGHUP), e.g. after a renewal.
+
+        New handshakes use the new pair; established connections are not touched. A pair that
+        fails to load is reported and the old one stays in use.
+        """
+        tls = self.config.tls
+        if tls is None or self.ssl_context is None:
+            logs.event("reload ignored: no TLS")
+            return
+        try:
+            self.ssl_context.load_cert_chain(tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            logs.event("reload failed, keeping the old certificate", level=logging.ERROR,
+                       cert=str(tls.cert_file), error=str(exc))
+            return
+        logs.event("reloaded certificate", cert=str(tls.cert_file))
+
     async def __aenter__(self) -> RendezvousServer:
         await self.start()
         return self
@@ -139,6 +157,7 @@ async def serve_until_signalled(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     try:
         await stop.wait()
     finally:
