@@ -10,13 +10,18 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rendezvous import logs
-from rendezvous.config import ServerConfig
+from rendezvous.config import ClusterConfig, ServerConfig
 from rendezvous.registry import Registry, open_registry
-from rendezvous.server.connection import Connection
+from rendezvous.server.cluster import ClusterMember
+from rendezvous.server.connection import INTERNAL, Connection
 from rendezvous.server.hub import Hub
 from rendezvous.tls import server_ssl_context
+
+if TYPE_CHECKING:
+    from rendezvous.admin import AdminSite
 
 # Seconds that active pairings get to finish after SIGINT/SIGTERM before they are cut.
 SHUTDOWN_GRACE = 10.0
@@ -37,6 +42,7 @@ class RendezvousServer:
         self._owns_registry = registry is None
         self.hub: Hub | None = None
         self._server: asyncio.Server | None = None
+        self.admin: AdminSite | None = None  # the admin page, when config.admin asks for it
         self.ssl_context: ssl.SSLContext | None = (
             server_ssl_context(config.tls) if config.tls is not None else None
         )
@@ -78,15 +84,54 @@ class RendezvousServer:
             reuse_address=True,
         )
         hub.start_sweeping()
+        if config.cluster is not None:
+            await self._join_cluster(hub, config.cluster)
         logs.event("listening", addresses=",".join(self.addresses),
                    tls="on" if self.ssl_context else "off", registry=self.registry.url)
+        if config.admin is not None:
+            await self._start_admin()
+
+    async def _join_cluster(self, hub: Hub, cluster: ClusterConfig) -> None:
+        """Open the internal listener and register this node in the cluster's Redis."""
+        member = ClusterMember(cluster, hub)
+        try:
+            await member.start(lambda: Connection(hub, INTERNAL))
+        except BaseException:
+            await member.close()
+            await self.close(grace=0)
+            raise
+        hub.cluster = member
+
+    async def _start_admin(self) -> None:
+        """Serve the admin page on this loop, next to the relay (imported only when asked)."""
+        from rendezvous.admin import AdminSite
+
+        assert self.config.admin is not None
+        admin = AdminSite(self.config.admin, self.registry, self.hub,
+                          relay_up=self.is_serving, relay_port=self.port)
+        try:
+            await admin.start()
+        except BaseException:
+            await self.close(grace=0)
+            raise
+        self.admin = admin
+
+    def is_serving(self) -> bool:
+        """Whether the relay's listener accepts connections (for /readyz)."""
+        return self._server is not None and self._server.is_serving()
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, close parked connections, let active pairings finish for
         ``grace`` seconds, then release the registry."""
+        if self.admin is not None:
+            admin, self.admin = self.admin, None
+            await admin.close()
         if self._server is not None:
             self._server.close()
         hub = self.hub
+        if hub is not None and hub.cluster is not None:
+            member, hub.cluster = hub.cluster, None
+            await member.close()  # first, so other nodes stop sending us clients
         if hub is not None:
             hub.stop_sweeping()
             hub.close_parked()

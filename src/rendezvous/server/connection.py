@@ -12,8 +12,10 @@ as little Python per chunk as possible: the relaying path is two lines in ``data
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import socket
+import ssl
 import time
 from typing import cast
 
@@ -39,6 +41,7 @@ from rendezvous.protocol.routing import (
     route,
 )
 from rendezvous.protocol.totp import token_is_valid
+from rendezvous.server.cluster import CLUSTER_CERT_NAME, ClusterMember
 from rendezvous.server.hub import Hub, Rejection
 
 # States. A connection only moves forward through these, except a mobile leg that is refused
@@ -50,6 +53,11 @@ WAITING = 3  # mobile: no parked connection yet; waiting up to pair_wait
 SETTLING = 4  # both legs: paired, waiting for the just-parked hidden leg to settle
 RELAYING = 5  # both legs: copying bytes
 CLOSED = 6
+
+# Where a connection came from.
+PUBLIC = 0  # accepted on the public listener
+INTERNAL = 1  # accepted from another relay node (cluster): never forwarded again
+OUTBOUND = 2  # opened by us to another relay node, carrying one of our mobile clients
 
 # A mobile client waiting for its pairing may keep sending its body; we hold this much, then
 # stop reading until the pairing starts (the bytes then flow with back-pressure).
@@ -70,6 +78,7 @@ class Connection(asyncio.Protocol):
         "eof",
         "head",
         "hub",
+        "kind",
         "peer",
         "peername",
         "reading_paused",
@@ -79,13 +88,16 @@ class Connection(asyncio.Protocol):
         "skip",
         "state",
         "timer",
+        "tls",
         "transport",
         "uuid",
         "writing_paused",
     )
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, kind: int = PUBLIC) -> None:
         self.hub = hub
+        self.kind = kind
+        self.tls = False
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
         self.state = HEAD
         self.buffer = bytearray()
@@ -108,22 +120,27 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         hub = self.hub
         hub.connections.add(self)
+        self.tls = transport.get_extra_info("sslcontext") is not None
         peername = transport.get_extra_info("peername")
         self.peername = (str(peername[0]), int(peername[1])) if peername else None
-        address = self.address
-        hub.per_address[address] += 1
-        if hub.open_connections > hub.limits.max_connections:
-            self._reject("too many connections", responses.status_only(503), status=503)
-            return
-        if hub.per_address[address] > hub.limits.max_per_address:
-            self._reject("too many connections from this address",
-                         responses.status_only(503), status=503)
-            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # Nagle cost the original ~40 ms on every small write; asyncio usually sets this
             # already, but a relay must not depend on it.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.kind == OUTBOUND:
+            self.state = WAITING  # until linked to its mobile client (cluster forwarding)
+            return
+        address = self.address
+        hub.per_address[address] += 1
+        if hub.open_connections > hub.limits.max_connections:
+            self._reject("too many connections", responses.status_only(503), status=503)
+            return
+        # Other relay nodes forward many clients each: no per-address cap for them.
+        if hub.per_address[address] > hub.limits.max_per_address and self.kind == PUBLIC:
+            self._reject("too many connections from this address",
+                         responses.status_only(503), status=503)
+            return
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -149,8 +166,8 @@ class Connection(asyncio.Protocol):
                 # TLS transports cannot half-close: flush what we sent and close.
                 peer.transport.close()
             # Plain TCP: keep reading the other direction. (TLS ignores this and closes.)
-            return not self.hub.tls
-        if self.state in (WAITING, SETTLING) and not self.hub.tls:
+            return not self.tls
+        if self.state in (WAITING, SETTLING) and not self.tls:
             return True  # half-closed after its request: the EOF is passed on once paired
         self._close()
         return None
@@ -158,11 +175,12 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         hub = self.hub
         hub.connections.discard(self)
-        address = self.address
-        if hub.per_address[address] <= 1:
-            del hub.per_address[address]
-        else:
-            hub.per_address[address] -= 1
+        if self.kind != OUTBOUND:
+            address = self.address
+            if hub.per_address[address] <= 1:
+                del hub.per_address[address]
+            else:
+                hub.per_address[address] -= 1
         state, self.state = self.state, CLOSED
         self._cancel_timer()
         if state == RELAYING:
@@ -358,11 +376,49 @@ class Connection(asyncio.Protocol):
         hidden = hub.take(self.uuid)
         if hidden is not None:
             self.pair_with(hidden)
-        elif hub.limits.pair_wait > 0:
-            self.state = WAITING
-            hub.wait_for(self)
+            return
+        cluster = hub.cluster if self.kind == PUBLIC else None
+        if hub.limits.pair_wait <= 0 and cluster is None:
+            self._not_found()
+            return
+        self.state = WAITING
+        hub.wait_for(self)
+        if hub.limits.pair_wait > 0:
             self.timer = hub.loop.call_later(hub.limits.pair_wait, self._not_found)
-        else:
+        if cluster is not None:
+            hub.spawn(self._forward(cluster))
+
+    async def _forward(self, cluster: ClusterMember) -> None:
+        """Hand this client to another node that holds a parked connection for its ID.
+
+        Meanwhile it keeps waiting here too: whichever comes first, a local park or a remote
+        node, wins; the other is dropped.
+        """
+        hub = self.hub
+        for node, address in await cluster.locate(self.uuid):
+            if self.state != WAITING:
+                return
+            host, _, port = address.rpartition(":")
+            try:
+                _, outbound = await asyncio.wait_for(hub.loop.create_connection(
+                    lambda: Connection(hub, OUTBOUND), host.strip("[]"), int(port),
+                    ssl=cluster.client_context, server_hostname=CLUSTER_CERT_NAME),
+                    timeout=hub.limits.head_timeout)
+            except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
+                logs.event("forward failed", level=logging.WARNING, id=self.uuid, node=node,
+                           address=address, error=str(exc) or type(exc).__name__)
+                continue
+            if self.state != WAITING:  # paired here meanwhile, or gave up
+                outbound.transport.close()
+                return
+            hub.stop_waiting(self)
+            self._cancel_timer()
+            assert self.head is not None
+            self._link(outbound, self.head.forwarded(strip_authorization=False))
+            hub.stats.forwarded += 1
+            logs.event("forwarded", id=self.uuid, mobile=self._peer_text(), node=node)
+            return
+        if self.state == WAITING and self.timer is None:  # no pair_wait: nothing else to try
             self._not_found()
 
     def _not_found(self) -> None:
@@ -395,42 +451,49 @@ class Connection(asyncio.Protocol):
 
     def _start_relay(self) -> None:
         """Send the hidden server the request and every byte read past it, then relay."""
-        hub = self.hub
         hidden, head = self.peer, self.head
         assert hidden is not None and head is not None
         self.timer = None
-        forwarded = head.forwarded()
-        hidden.transport.write(forwarded)
-        self.received = len(forwarded) + len(self.buffer)
-        if self.buffer:
-            hidden.transport.write(self.buffer)
-        if hidden.buffer:
-            hidden.received = len(hidden.buffer)
-            self.transport.write(hidden.buffer)
-        self.buffer = hidden.buffer = bytearray()
-        now = hub.loop.time()
-        latency = now - self.since
-        self.state = hidden.state = RELAYING
-        self.since = hidden.since = now
-        hub.active_pairs += 1
-        stats = hub.stats
+        latency = self._link(hidden, head.forwarded())
+        stats = self.hub.stats
         stats.pairings += 1
-        stats.pairing_latencies.append(latency)
-        per_id = stats.for_id(self.uuid)
-        per_id.active += 1
-        per_id.pairings += 1
-        per_id.last_seen = time.time()
+        stats.pairing_latency.observe(latency)
+        stats.for_id(self.uuid).pairings += 1
         logs.event("paired", id=self.uuid, mobile=self._peer_text(), hidden=hidden._peer_text(),
                    latency=f"{latency * 1000:.1f}ms")
-        for leg in (self, hidden):
+
+    def _link(self, other: Connection, request: bytes) -> float:
+        """Join this mobile leg to ``other`` (a parked leg, or a connection to the node that
+        holds one): send it ``request`` and every byte read past it, then relay both ways.
+        Returns the seconds since the client's head arrived."""
+        hub = self.hub
+        other.transport.write(request)
+        self.received = len(request) + len(self.buffer)
+        if self.buffer:
+            other.transport.write(self.buffer)
+        if other.buffer:
+            other.received = len(other.buffer)
+            self.transport.write(other.buffer)
+        self.buffer = other.buffer = bytearray()
+        now = hub.loop.time()
+        latency = now - self.since
+        self.peer, other.peer = other, self
+        self.state = other.state = RELAYING
+        self.since = other.since = now
+        hub.active_pairs += 1
+        per_id = hub.stats.for_id(self.uuid)
+        per_id.active += 1
+        per_id.last_seen = time.time()
+        for leg in (self, other):
             if leg.reading_paused:
                 leg.reading_paused = False
                 leg.transport.resume_reading()
         if self.eof:  # a plain-TCP client that half-closed after its request
-            if hidden.transport.can_write_eof():
-                hidden.transport.write_eof()
+            if other.transport.can_write_eof():
+                other.transport.write_eof()
             else:
-                hidden.transport.close()
+                other.transport.close()
+        return latency
 
     # Relaying ------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ Everything here runs on the event loop thread, so no locks.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -18,11 +19,15 @@ from rendezvous.registry import Registry
 from rendezvous.server.ratelimit import GuessLimiter
 
 if TYPE_CHECKING:
+    from rendezvous.server.cluster import ClusterMember
     from rendezvous.server.connection import Connection
 
 
 # How many recent rejections the status page can show.
 RECENT_REJECTIONS = 50
+# Upper bounds (seconds) of the pairing-latency buckets: from a pairing with a connection
+# already parked (the settle delay, ~10 ms) to a client that waited most of pair_wait.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass(slots=True)
@@ -48,11 +53,41 @@ class Rejection:
 
 
 @dataclass(slots=True)
+class LatencyHistogram:
+    """Pairing latencies as counts per bucket: constant work per pairing, cumulative at scrape.
+
+    ``counts[i]`` holds the values in ``(bounds[i-1], bounds[i]]``; the last slot, those above
+    every bound.
+    """
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    sum: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        """Count one pairing that took ``seconds``."""
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, values <= bound)`` per bucket, ending with ``(inf, count)``."""
+        found: list[tuple[float, int]] = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            found.append((bound, running))
+        return found
+
+
+@dataclass(slots=True)
 class Stats:
     """Running totals since start, for logs, status and metrics."""
 
     parked: int = 0
     pairings: int = 0
+    forwarded: int = 0  # mobile clients handed to another relay node (cluster)
     bytes_up: int = 0  # mobile to hidden
     bytes_down: int = 0  # hidden to mobile
     rejections: Counter[str] = field(default_factory=Counter)
@@ -60,7 +95,7 @@ class Stats:
         default_factory=lambda: deque(maxlen=RECENT_REJECTIONS))
     per_id: dict[str, IdStats] = field(default_factory=dict)
     # Seconds each pairing's mobile client waited from its head to the relay's start.
-    pairing_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    pairing_latency: LatencyHistogram = field(default_factory=lambda: LatencyHistogram())
 
     def for_id(self, uuid: str) -> IdStats:
         """The totals of ``uuid``, created on first use."""
@@ -86,6 +121,7 @@ class Hub:
         self.per_address: Counter[str] = Counter()  # open connections by source address
         self.guesses = GuessLimiter(limits.guesses)
         self._sweeper: asyncio.TimerHandle | None = None
+        self.cluster: ClusterMember | None = None  # set when serving as part of a cluster
         self.active_pairs = 0
         self.stats = Stats()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -111,6 +147,7 @@ class Hub:
         if len(pool) >= self.limits.pool_size:
             pool.popleft().evict("pool full")  # the oldest goes: a bound of 1 = the original
         pool.append(hidden)
+        self._pool_changed(hidden.uuid)
 
     def return_to_pool(self, hidden: Connection) -> None:
         """Put back a connection whose mobile client left before the pairing began."""
@@ -119,6 +156,7 @@ class Hub:
             self.park(hidden)
             return
         self.pools.setdefault(hidden.uuid, deque()).appendleft(hidden)
+        self._pool_changed(hidden.uuid)
 
     def unpark(self, hidden: Connection) -> None:
         """Forget a parked connection that closed."""
@@ -131,6 +169,11 @@ class Hub:
             return
         if not pool:
             del self.pools[hidden.uuid]
+        self._pool_changed(hidden.uuid)
+
+    def _pool_changed(self, uuid: str) -> None:
+        if self.cluster is not None:
+            self.cluster.pool_changed(uuid)
 
     def parked_count(self, uuid: str | None = None) -> int:
         """Connections parked now, for one ID or in all."""
@@ -148,6 +191,7 @@ class Hub:
         hidden = pool.popleft()
         if not pool:
             del self.pools[uuid]
+        self._pool_changed(uuid)
         return hidden
 
     def wait_for(self, mobile: Connection) -> None:
@@ -186,8 +230,8 @@ class Hub:
         deadline = now - self.limits.parked_timeout
         for pool in list(self.pools.values()):
             while pool and pool[0].since < deadline:
-                pool[0].evict("parked too long")  # its connection_lost unparks it
-                pool.popleft()
+                pool[0].evict("parked too long")
+                self._pool_changed(pool.popleft().uuid)
         for uuid in [uuid for uuid, pool in self.pools.items() if not pool]:
             del self.pools[uuid]
         interval = min(30.0, max(0.05, self.limits.parked_timeout / 4))

@@ -1,0 +1,243 @@
+"""Several relay nodes on one Redis: any node pairs any hidden server.
+
+Each node publishes, in Redis:
+
+- ``rendezvous:node:<node-id>`` = its internal address ``host:port``, with a short expiry that a
+  heartbeat renews (a dead node vanishes within ``ttl`` seconds);
+- ``rendezvous:parked:<ID>``, a hash of node-id -> count of that node's parked connections for ID,
+  written when its pools change (batched, at most every ``FLUSH_INTERVAL``).
+
+A node that gets a mobile client for an ID with no local parked connection asks Redis which live
+nodes hold one (one round trip: a Lua script reads the hash and drops dead nodes), connects to
+that node's internal listener, and sends it the mobile client's request head untouched plus every
+byte after it. The holding node treats that connection exactly like a mobile client of its own
+(it strips ``Authorization``, pairs, relays); this node then relays bytes between the mobile
+client and the internal connection. Internal connections are never forwarded again, so a request
+crosses at most one hop.
+
+The internal listener speaks mutual TLS whose only trust anchor is a certificate derived from the
+cluster key: only nodes holding the key can connect, or be connected to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import logging
+import ssl
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import redis.asyncio as aioredis
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID
+from redis.exceptions import RedisError
+
+from rendezvous import logs
+from rendezvous.config import ClusterConfig
+
+if TYPE_CHECKING:
+    from rendezvous.server.hub import Hub
+
+KEY_PREFIX = "rendezvous:"
+FLUSH_INTERVAL = 0.02  # pool changes reach Redis within this many seconds
+RESYNC_EVERY = 10  # heartbeats between full rewrites of our counts (after a Redis restart)
+CLUSTER_CERT_NAME = "rendezvous-cluster"
+
+# Which live nodes hold a parked connection for KEYS[1]; prunes fields of dead nodes.
+_LOCATE = """
+local fields = redis.call('HGETALL', KEYS[1])
+local found = {}
+for i = 1, #fields, 2 do
+  local address = redis.call('GET', ARGV[1] .. fields[i])
+  if address then
+    if tonumber(fields[i + 1]) > 0 and fields[i] ~= ARGV[2] then
+      table.insert(found, fields[i])
+      table.insert(found, address)
+    end
+  else
+    redis.call('HDEL', KEYS[1], fields[i])
+  end
+end
+return found
+"""
+
+
+def _cluster_identity(cluster_key: str) -> tuple[bytes, bytes]:
+    """A certificate and key (PEM) derived from the cluster key alone, byte for byte the same on
+    every node (Ed25519 signatures are deterministic), which each node trusts as its only
+    anchor: a peer without the cluster key cannot complete the handshake either way."""
+    seed = hashlib.sha256(b"rendezvous cluster identity\0" + cluster_key.encode()).digest()
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLUSTER_CERT_NAME)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
+        .not_valid_after(datetime.datetime(2100, 1, 1, tzinfo=datetime.UTC))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(CLUSTER_CERT_NAME)]),
+                       critical=False)
+        .sign(key, None)
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def cluster_ssl_contexts(cluster_key: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts for the internal listener: mutual TLS on the cluster key."""
+    cert_pem, key_pem = _cluster_identity(cluster_key)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # load_cert_chain only reads files: write the pair to a private temporary folder.
+    with tempfile.TemporaryDirectory() as folder:
+        cert_file, key_file = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+        cert_file.write_bytes(cert_pem)
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(key_pem)
+        for context in (server, client):
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.load_cert_chain(cert_file, key_file)
+            context.load_verify_locations(cadata=cert_pem.decode())
+            context.verify_mode = ssl.CERT_REQUIRED
+    client.check_hostname = False  # every node has the same name; the key is what is checked
+    return server, client
+
+
+class ClusterMember:
+    """This node's presence in the cluster: heartbeat, published counts, lookups."""
+
+    def __init__(self, config: ClusterConfig, hub: Hub) -> None:
+        self.config = config
+        self.hub = hub
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            config.redis_url, socket_connect_timeout=2, socket_timeout=2)
+        self.server_context, self.client_context = cluster_ssl_contexts(config.cluster_key)
+        self.advertise = config.advertise or f"{config.internal_host}:{config.internal_port}"
+        self._node_key = f"{KEY_PREFIX}node:{config.node_id}"
+        self._locate = self.redis.register_script(_LOCATE)
+        self._dirty: set[str] = set()
+        self._published: dict[str, int] = {}
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._listener: asyncio.Server | None = None
+        self._healthy = True
+
+    async def start(self, protocol_factory: Any) -> None:
+        """Listen on the internal address and join the cluster."""
+        loop = self.hub.loop
+        self._listener = await loop.create_server(
+            protocol_factory, host=self.config.internal_host, port=self.config.internal_port,
+            ssl=self.server_context, ssl_handshake_timeout=self.hub.limits.head_timeout,
+            reuse_address=True)
+        if self.config.internal_port == 0:  # tests: learn the port picked
+            port = self._listener.sockets[0].getsockname()[1]
+            self.advertise = f"{self.advertise.rsplit(':', 1)[0]}:{port}"
+        await self._beat()
+        self._heartbeat = loop.create_task(self._heartbeat_loop())
+        logs.event("cluster joined", node=self.config.node_id, internal=self.advertise)
+
+    async def close(self) -> None:
+        """Leave the cluster: stop listening, withdraw our entries."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        if self._listener is not None:
+            self._listener.close()
+        with contextlib.suppress(RedisError, OSError):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(self._node_key)
+                for uuid in self._published:
+                    pipe.hdel(self._parked_key(uuid), self.config.node_id)
+                await pipe.execute()
+        await self.redis.aclose()
+
+    # Publishing ------------------------------------------------------------------------
+
+    def pool_changed(self, uuid: str) -> None:
+        """A pool of ours grew or shrank: publish its size soon (batched)."""
+        self._dirty.add(uuid)
+        if self._flush_handle is None:
+            self._flush_handle = self.hub.loop.call_later(FLUSH_INTERVAL, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush_handle = None
+        dirty, self._dirty = self._dirty, set()
+        self.hub.spawn(self._publish(dirty))
+
+    async def _publish(self, uuids: set[str]) -> None:
+        node = self.config.node_id
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for uuid in uuids:
+                    count = self.hub.parked_count(uuid)
+                    if count:
+                        pipe.hset(self._parked_key(uuid), node, count)
+                        self._published[uuid] = count
+                    else:
+                        pipe.hdel(self._parked_key(uuid), node)
+                        self._published.pop(uuid, None)
+                await pipe.execute()
+            self._set_health(True)
+        except (RedisError, OSError) as exc:
+            self._dirty |= uuids  # try again with the next change or heartbeat
+            self._set_health(False, exc)
+
+    async def _heartbeat_loop(self) -> None:
+        beats = 0
+        while True:
+            await asyncio.sleep(self.config.ttl / 3)
+            beats += 1
+            if beats % RESYNC_EVERY == 0:
+                self._dirty |= set(self._published) | set(self.hub.pools)
+            await self._beat()
+
+    async def _beat(self) -> None:
+        try:
+            await self.redis.set(self._node_key, self.advertise, px=int(self.config.ttl * 1000))
+            self._set_health(True)
+        except (RedisError, OSError) as exc:
+            self._set_health(False, exc)
+            return
+        if self._dirty:
+            dirty, self._dirty = self._dirty, set()
+            await self._publish(dirty)
+
+    def _set_health(self, healthy: bool, exc: BaseException | None = None) -> None:
+        if healthy != self._healthy:
+            self._healthy = healthy
+            if healthy:
+                logs.event("cluster redis reachable again", node=self.config.node_id)
+            else:
+                logs.event("cluster redis unreachable", level=logging.WARNING,
+                           node=self.config.node_id, error=str(exc))
+
+    # Looking up ------------------------------------------------------------------------
+
+    async def locate(self, uuid: str) -> list[tuple[str, str]]:
+        """Live nodes other than this one holding a parked connection for ``uuid``:
+        ``[(node-id, "host:port"), ...]``; empty when none or when Redis fails."""
+        try:
+            found = cast(list[bytes], await self._locate(
+                keys=[self._parked_key(uuid)], args=[f"{KEY_PREFIX}node:", self.config.node_id]))
+        except (RedisError, OSError) as exc:
+            self._set_health(False, exc)
+            return []
+        pairs = [(found[i].decode(), found[i + 1].decode()) for i in range(0, len(found), 2)]
+        return pairs
+
+    @staticmethod
+    def _parked_key(uuid: str) -> str:
+        return f"{KEY_PREFIX}parked:{uuid}"
