@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rendezvous.errors import ConfigError
 
 DEFAULT_PORT = 8899
 DEFAULT_DATA_DIR = Path("data")
@@ -28,7 +31,7 @@ DEFAULT_PARKED_TIMEOUT = 900.0
 PER_ADDRESS_BURST = 20  # failures an address may make at once ...
 PER_ADDRESS_INTERVAL = 10.0  # ... then one more every this many seconds
 PER_ID_BURST = 10  # failures against one ID at once ...
-PER_ID_INTERVAL = 60.0  # ... then one more every this many seconds
+PER_ID_INTERVAL = 120.0  # ... then one more every this many seconds
 TRUST_SECONDS = 24 * 3600  # an address that parked for an ID skips the ID's limit this long
 
 
@@ -72,6 +75,22 @@ class TLSConfig:
     key_file: Path
 
 
+DEFAULT_CLUSTER_TTL = 6.0  # seconds a relay node stays listed in Redis without a heartbeat
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """``serve --cluster``: the Redis shared by the relay nodes and how this node is reached."""
+
+    redis_url: str
+    node_id: str
+    internal_host: str
+    internal_port: int
+    cluster_key: str = field(repr=False)
+    advertise: str | None = None  # host:port other nodes dial; default the internal address
+    ttl: float = DEFAULT_CLUSTER_TTL
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """Everything `rendezvous serve` needs; built once by the CLI."""
@@ -83,3 +102,60 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     log_format: str = "text"  # or "json"
     use_uvloop: bool = True
+    cluster: ClusterConfig | None = None  # several nodes on one Redis; None: a lone relay
+    admin: AdminConfig | None = None  # the admin page next to the relay (serve --admin); None: off
+
+
+# The admin page (registrar) ---------------------------------------------------------------
+
+DEFAULT_ADMIN_HOST = "127.0.0.1"
+DEFAULT_ADMIN_PORT = 8893  # where node-rendezvous's registrar listened
+ENV_ADMIN_PASSWORD = "RENDEZVOUS_ADMIN_PASSWORD"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding ``host`` reaches this machine only: 127.0.0.0/8, ::1 or ``localhost``.
+
+    An empty host, ``0.0.0.0`` and ``::`` bind every interface, so they are not loopback.
+    """
+    name = host.strip("[]").lower()
+    if name in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class RelayAddress:
+    """What provisioning files made on the admin page tell hidden servers (PROTOCOL.md §5)."""
+
+    host: str
+    port: int | None = None  # None: the port of the relay in this process (else DEFAULT_PORT)
+    ca_pem: str | None = field(default=None, repr=False)  # None: a public CA issued its cert
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin page: where it listens and who may use it.
+
+    Without a password it must bind a loopback address: anyone who reaches the page can read
+    every hidden server's secret. Raises ConfigError otherwise, so it never starts exposed.
+    """
+
+    host: str = DEFAULT_ADMIN_HOST
+    port: int = DEFAULT_ADMIN_PORT
+    password: str | None = field(default=None, repr=False)  # None: no login (loopback only)
+    metrics_per_id: bool = False  # a parked-connections series per ID on /metrics
+    relay: RelayAddress = field(default_factory=lambda: RelayAddress("localhost"))
+
+    def __post_init__(self) -> None:
+        if self.password is not None and not self.password:
+            raise ConfigError("the admin password is empty")
+        if self.password is None and not is_loopback_host(self.host):
+            raise ConfigError(
+                f"the admin page on {self.host or 'every interface'} would be open to the "
+                f"network: bind 127.0.0.1, or set a password with --admin-password or "
+                f"${ENV_ADMIN_PASSWORD}"
+            )
