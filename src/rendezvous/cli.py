@@ -4,6 +4,11 @@
     rendezvous users add|list|show|rotate|remove
                                      manage hidden servers in the registry
     rendezvous cert                  make a self-signed certificate
+    rendezvous admin                 serve the admin page alone (manage hidden servers)
+    rendezvous open ID               reach a hidden server from a local address (like ssh -L)
+    rendezvous get ID PATH           fetch one URL from a hidden server (like curl)
+    rendezvous hidden                run a hidden server's agent: park at the relay, forward
+                                     each pairing to a local service
 
 Every error this package raises on purpose prints one line, ``rendezvous: error: ...``, and
 exits with status 2 — the status argparse uses for a bad command line.
@@ -22,6 +27,7 @@ import re
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -29,6 +35,9 @@ from uuid import uuid4
 
 from rendezvous import __version__
 from rendezvous.config import (
+    DEFAULT_ADMIN_HOST,
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_CLUSTER_TTL,
     DEFAULT_DATA_DIR,
     DEFAULT_HEAD_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
@@ -40,12 +49,16 @@ from rendezvous.config import (
     DEFAULT_POOL_SIZE,
     DEFAULT_PORT,
     DEFAULT_SETTLE,
+    ENV_ADMIN_PASSWORD,
     PER_ADDRESS_BURST,
     PER_ADDRESS_INTERVAL,
     PER_ID_BURST,
     PER_ID_INTERVAL,
+    AdminConfig,
+    ClusterConfig,
     GuessLimits,
     Limits,
+    RelayAddress,
     ServerConfig,
     TLSConfig,
     default_registry_url,
@@ -60,7 +73,10 @@ from rendezvous.errors import (
 from rendezvous.provisioning import (
     MAX_DIGITS,
     MIN_DIGITS,
+    default_server_host,
     provisioning_document,
+    relay_ca,
+    self_signed_pem,
     write_provisioning,
 )
 from rendezvous.registry import Entry, Registry, new_secret, open_registry
@@ -70,7 +86,6 @@ from rendezvous.tls import (
     DEFAULT_DAYS,
     KEY_FILE,
     cert_names,
-    default_names,
     ensure_self_signed,
     generate_self_signed,
     is_self_signed,
@@ -100,6 +115,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 # ---------------------------------------------------------------------------- argument types
+
+
+ENV_CLUSTER_KEY = "RENDEZVOUS_CLUSTER_KEY"
 
 
 def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -147,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(commands)
     _add_users(commands)
+    _add_admin(commands)
     _add_cert(commands)
+    _add_open(commands)
+    _add_get(commands)
+    _add_hidden(commands)
     return parser
 
 
@@ -287,6 +309,28 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     guesses.add_argument("--failure-interval-per-id", type=_seconds(allow_zero=False),
                          default=PER_ID_INTERVAL, metavar="SECONDS",
                          help="then one more every SECONDS (default: %(default)s)")
+    cluster = p.add_argument_group(
+        "cluster",
+        "Several relay nodes sharing one Redis: a node pairs a client with a hidden server parked "
+        "on another node by handing the request to it over an internal listener (mutual TLS on "
+        "the cluster key). Without --cluster nothing changes.",
+    )
+    cluster.add_argument("--cluster", metavar="REDIS_URL",
+                         help="the cluster's Redis, e.g. redis://10.0.0.2:6379/1")
+    cluster.add_argument("--node-id", metavar="ID",
+                         help="this node's unique name in the cluster (default: the host name)")
+    cluster.add_argument("--internal", metavar="HOST:PORT", default="127.0.0.1:8900",
+                         help="internal listener for other nodes; keep it on a private network "
+                              "(default: %(default)s)")
+    cluster.add_argument("--advertise", metavar="HOST:PORT",
+                         help="address other nodes dial (default: --internal; required when "
+                              "--internal binds all interfaces)")
+    cluster.add_argument("--cluster-key", metavar="KEY", default=os.environ.get(ENV_CLUSTER_KEY),
+                         help=f"shared secret of the nodes (default: ${ENV_CLUSTER_KEY})")
+    cluster.add_argument("--cluster-ttl", metavar="SECONDS", type=_seconds(allow_zero=False),
+                         default=DEFAULT_CLUSTER_TTL,
+                         help="a node that stops heartbeating is forgotten after this long "
+                              "(default: %(default)s)")
     run = p.add_argument_group("runtime")
     run.add_argument(
         "--log-format",
@@ -295,6 +339,7 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="log lines as text or as JSON objects (default: %(default)s)",
     )
     run.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio event loop")
+    _admin_page_options(p)
     p.set_defaults(handler=_serve)
 
 
@@ -561,6 +606,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("--no-tls and --cert contradict each other: choose one")
     if public_hosts and (args.no_tls or cert is not None):
         _err("warning: --public-host only names a self-signed certificate; ignored here")
+    admin = _serve_admin(args)  # an exposed admin page is refused before any file is made
     _prepare_data_dir(data_dir, registry_url, create=True)
 
     tls: TLSConfig | None
@@ -597,6 +643,8 @@ def _serve(args: argparse.Namespace) -> int:
         ),
         log_format=args.log_format,
         use_uvloop=not args.no_uvloop,
+        cluster=_cluster_config(args),
+        admin=admin and replace(admin, relay=_serve_relay_address(args, data_dir, tls)),
     )
     _banner(config, data_dir)
 
@@ -626,21 +674,6 @@ def _banner(config: ServerConfig, data_dir: Path) -> None:
 # ---------------------------------------------------------------------------- users
 
 
-def _default_server_host(data_dir: Path) -> str:
-    """The first name in DIR/cert.pem that ``ensure_self_signed`` did not add by itself.
-
-    Those are the --public-host names given to ``serve``, the ones clients use; without any,
-    this machine's fully qualified name.
-    """
-    cert = data_dir / CERT_FILE
-    automatic = {name.lower() for name in default_names()}
-    with contextlib.suppress(OSError, RendezvousError):
-        for name in cert_names(cert.read_bytes()):
-            if name.lower() not in automatic:
-                return name
-    return socket.getfqdn()
-
-
 def _is_loopback(host: str) -> bool:
     if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
         ".localhost"
@@ -650,19 +683,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def _ca_pem(args: argparse.Namespace, data_dir: Path) -> tuple[str | None, str]:
-    """The PEM for ``server.ca`` and a few words on where it came from."""
-    ca: Path | None = args.ca
-    if args.no_ca:
-        return None, "none"
-    if ca is not None:
-        return read_cert_pem(ca), str(ca)
-    own = data_dir / CERT_FILE
-    if own.is_file() and is_self_signed(own.read_bytes()):
-        return read_cert_pem(own), f"{own} (self-signed)"
-    return None, "none (the relay's certificate must chain to a public CA)"
 
 
 def _out_path(args: argparse.Namespace, data_dir: Path, uuid: str) -> Path | None:
@@ -694,9 +714,9 @@ def _provision(
     Should the file fail to be written, the change is taken back, so no hidden server is left
     with a secret that nobody holds.
     """
-    host: str = args.server_host or _default_server_host(data_dir)
+    host: str = args.server_host or default_server_host(data_dir / CERT_FILE)
     port: int = args.server_port
-    ca, ca_source = _ca_pem(args, data_dir)
+    ca, ca_source = relay_ca(data_dir, args.ca, no_ca=args.no_ca)
     out = _out_path(args, data_dir, uuid)
 
     async def op(registry: Registry) -> Entry:
@@ -868,3 +888,636 @@ def _cert(args: argparse.Namespace) -> int:
     print(f"names:       {', '.join(cert_names(cert.read_bytes()))}")
     print(f"valid for:   {args.days} days")
     return 0
+
+
+# ---------------------------------------------------------------------------- open, get
+# The mobile side. Its modules are imported inside the handlers so the relay's own commands do
+# not load httpx.
+
+_OPEN_EPILOG = """\
+examples:
+  rendezvous open 2f402f80-da50-11e1-9b23-000000000001 \\
+      --server relay.example.com:8899 --ca relay-cert.pem
+      then: curl http://127.0.0.1:8080/status, or open the address in a browser
+  rendezvous open ID --config hub.json --listen 127.0.0.1:9000 --auth digest
+
+Each connection to the local address becomes one pairing with the hidden server. Its first
+request gets the credentials that name ID (an Authorization header of its own is dropped);
+later requests on the same connection reach the same hidden server unchanged. When the relay
+cannot be reached the local client gets 502 with the reason; when no hidden server is parked,
+the relay's 404 "UUID not registered".
+
+exit status: 0 after Ctrl-C or SIGTERM; 2 when the command line is wrong or the local
+address cannot be listened on."""
+
+_GET_EPILOG = """\
+examples:
+  rendezvous get 2f402f80-da50-11e1-9b23-000000000001 /status \\
+      --server relay.example.com:8899 --ca relay-cert.pem
+  rendezvous get ID /upload --config hub.json -d @photo.jpg -H 'Content-Type: image/jpeg'
+  rendezvous get ID /backup.tar --config hub.json -o backup.tar --timeout 600
+
+exit status: 0 for a 1xx, 2xx or 3xx answer; 1 for an HTTP error status (the relay's own,
+e.g. "404 UUID not registered", is printed to stderr); 2 when the relay cannot be reached
+(connection, TLS, timeout) or the command line is wrong."""
+
+
+def _host_port(
+    default_host: str | None, default_port: int | None
+) -> Callable[[str], tuple[str, int]]:
+    """``HOST:PORT``, ``[IPv6]:PORT``, and HOST alone (``default_port``) or PORT alone
+    (``default_host``) when those have defaults."""
+
+    def parse(text: str) -> tuple[str, int]:
+        text = text.strip()
+        if text.startswith("["):
+            host, bracket, rest = text[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+            port_text = rest[1:]
+        elif text.isdigit() and default_host is not None:
+            host, port_text = default_host, text
+        elif text.count(":") == 1:
+            host, _, port_text = text.partition(":")
+        else:
+            host, port_text = text, ""  # a host name, or an IPv6 address without brackets
+        if not host:
+            if default_host is None:
+                raise argparse.ArgumentTypeError(f"no host in {text!r}")
+            host = default_host
+        if not port_text:
+            if default_port is None:
+                raise argparse.ArgumentTypeError(f"no port in {text!r}")
+            return host, default_port
+        if not port_text.isdigit() or int(port_text) > 65535:
+            raise argparse.ArgumentTypeError(f"not a port: {port_text!r}")
+        return host, int(port_text)
+
+    return parse
+
+
+def _relay_options() -> argparse.ArgumentParser:
+    """The hidden server's ID and how to reach the relay, shared by ``open`` and ``get``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("uuid", metavar="ID", help="the hidden server's ID")
+    group = common.add_argument_group("relay")
+    group.add_argument(
+        "--server",
+        type=_host_port(None, DEFAULT_PORT),
+        metavar="HOST[:PORT]",
+        help=f"the relay (port default: {DEFAULT_PORT}); required without --config",
+    )
+    group.add_argument(
+        "--ca",
+        type=Path,
+        metavar="FILE",
+        help="PEM certificate to trust for the relay: its self-signed certificate or its CA "
+        "(default: the system's trust store, or server.ca of --config)",
+    )
+    group.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="a provisioning file (from 'rendezvous users add') to take the relay's host, "
+        "port and certificate from; --server and --ca override it",
+    )
+    return common
+
+
+def _add_open(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "open",
+        parents=[_relay_options()],
+        formatter_class=_Formatter,
+        help="reach a hidden server from a local address, like ssh -L",
+        description="Listen on a local address and send every connection made to it through\n"
+        "the relay to hidden server ID, so any HTTP client or browser reaches it\n"
+        "without credentials.",
+        epilog=_OPEN_EPILOG,
+    )
+    p.add_argument(
+        "--listen",
+        type=_host_port("127.0.0.1", None),
+        default=("127.0.0.1", 8080),
+        metavar="[HOST:]PORT",
+        help="local address to listen on; port 0 picks a free one (default: 127.0.0.1:8080)",
+    )
+    p.add_argument(
+        "--auth",
+        choices=("basic", "digest"),
+        default="basic",
+        help="how to name ID to the relay: Basic (one round trip) or Digest, answering the "
+        "relay's challenge (default: %(default)s)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines on stderr as text or as JSON objects (default: %(default)s)",
+    )
+    p.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio event loop")
+    p.set_defaults(handler=_mobile_open)
+
+
+def _add_get(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "get",
+        parents=[_relay_options()],
+        formatter_class=_Formatter,
+        help="fetch one URL from a hidden server, like curl",
+        description="Send one request to hidden server ID through the relay and write the\n"
+        "response body to stdout (or --output).",
+        epilog=_GET_EPILOG,
+    )
+    p.add_argument("path", metavar="PATH", help="the path (and query) to fetch, e.g. /status")
+    p.add_argument("-X", "--request", metavar="METHOD", help="method (default: GET, POST with -d)")
+    p.add_argument(
+        "-d",
+        "--data",
+        metavar="DATA",
+        help="request body: text, @FILE for a file's bytes, @- for stdin",
+    )
+    p.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="an extra request header; repeatable",
+    )
+    p.add_argument("-i", "--include", action="store_true", help="write the response head first")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write the body to FILE")
+    p.add_argument("-L", "--location", action="store_true", help="follow redirects")
+    p.add_argument(
+        "--timeout",
+        type=_seconds(allow_zero=False),
+        default=30.0,
+        metavar="SECONDS",
+        help="limit on connecting and on each wait for data (default: %(default)s)",
+    )
+    p.set_defaults(handler=_mobile_get)
+
+
+def _relay_target(args: argparse.Namespace) -> tuple[str, tuple[str, int], str | None]:
+    """The ID, the relay's address and the PEM to trust for it, from the flags and --config."""
+    import ssl
+
+    from rendezvous.provisioning import load_provisioning
+    from rendezvous.tls import client_ssl_context
+
+    uuid: str = args.uuid
+    if not uuid or any(ord(c) < 0x21 or ord(c) == 0x7F for c in uuid):
+        raise ConfigError(f"invalid ID {uuid!r}: no spaces or control characters")
+    config: Path | None = args.config
+    ca: Path | None = args.ca
+    provisioning = load_provisioning(config) if config is not None else None
+    server: tuple[str, int] | None = args.server
+    if server is None and provisioning is not None:
+        server = (provisioning.host, provisioning.port)
+    if server is None:
+        raise ConfigError("which relay? pass --server HOST:PORT (or --config FILE)")
+    ca_pem = read_cert_pem(ca) if ca is not None else None
+    if ca_pem is None and provisioning is not None:
+        ca_pem = provisioning.ca_pem
+    try:
+        client_ssl_context(ca_pem)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"unusable certificate for the relay: {exc.reason or exc}") from exc
+    return uuid, server, ca_pem
+
+
+def _mobile_open(args: argparse.Namespace) -> int:
+    uuid, server, ca_pem = _relay_target(args)
+    if args.auth == "basic" and ":" in uuid:
+        raise ConfigError(f"ID {uuid!r} holds ':', which Basic credentials cannot carry: "
+                          "pass --auth digest")
+    from rendezvous import logs
+    from rendezvous.agent.mobile import Tunnel, serve_until_signalled
+    from rendezvous.server.app import loop_factory
+
+    logs.configure_logging(args.log_format)
+    tunnel = Tunnel(uuid, server, ca_pem=ca_pem, listen=args.listen, auth=args.auth)
+
+    def ready(started: Tunnel) -> None:
+        print(f"open {started.url} to reach {uuid} through {started.relay}", flush=True)
+
+    host, port = args.listen
+    try:
+        with asyncio.Runner(loop_factory=loop_factory(not args.no_uvloop)) as runner:
+            runner.run(serve_until_signalled(tunnel, ready))
+    except OSError as exc:
+        # errno's text, not asyncio's "error while attempting to bind on address (...)".
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or exc
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}") from exc
+    return 0
+
+
+def _request_body(data: str | None) -> bytes | None:
+    if data is None:
+        return None
+    if data == "@-":
+        return sys.stdin.buffer.read()
+    if data.startswith("@"):
+        try:
+            return Path(data[1:]).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {data[1:]}: {exc.strerror or exc}") from exc
+    return data.encode("utf-8")
+
+
+def _request_headers(lines: list[str]) -> list[tuple[str, str]]:
+    headers = []
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip() or any(c in line for c in "\r\n"):
+            raise ConfigError(f"not a header 'NAME: VALUE': {line!r}")
+        headers.append((name.strip(), value.strip()))
+    return headers
+
+
+def _mobile_get(args: argparse.Namespace) -> int:
+    uuid, server, ca_pem = _relay_target(args)
+    body = _request_body(args.data)
+    headers = _request_headers(args.header)
+    method: str = (args.request or ("POST" if body is not None else "GET")).upper()
+    path: str = args.path if args.path.startswith("/") else "/" + args.path
+    import httpx
+
+    from rendezvous.agent.mobile import client
+
+    relay = f"[{server[0]}]:{server[1]}" if ":" in server[0] else f"{server[0]}:{server[1]}"
+    try:
+        with (
+            client(uuid, server, ca_pem=ca_pem, timeout=args.timeout,
+                   follow_redirects=args.location) as http,
+            http.stream(method, path, headers=headers, content=body) as response,
+        ):
+            return _write_response(args, response)
+    except httpx.TimeoutException:
+        _err(f"error: no answer through relay {relay} within {args.timeout:g} s")
+    except httpx.ConnectError as exc:
+        reason = re.sub(r"^\[Errno -?\d+\] ", "", str(exc))
+        hint = " (is --ca the relay's certificate?)" if "CERTIFICATE_VERIFY" in reason else ""
+        _err(f"error: cannot reach relay {relay}: {reason}{hint}")
+    except httpx.HTTPError as exc:
+        _err(f"error: request through relay {relay} failed: {exc or type(exc).__name__}")
+    return EXIT_ERROR
+
+
+def _write_response(args: argparse.Namespace, response: Any) -> int:
+    """Write the response as ``get`` promises; its exit status."""
+    from rendezvous.agent.mobile import MAX_ERROR_BODY, relay_diagnostic
+
+    status: int = response.status_code
+    length = response.headers.get("content-length", "")
+    if (status >= 400 and length.isdigit() and int(length) <= MAX_ERROR_BODY
+            and response.headers.get("content-type", "").startswith("application/json")):
+        diagnostic = relay_diagnostic(status, response.read())
+        if diagnostic is not None:
+            _err(f"error: {status} {diagnostic}")
+            return 1
+    output: Path | None = args.output
+    with contextlib.ExitStack() as stack:
+        if output is None:
+            stream = sys.stdout.buffer
+        else:
+            try:
+                stream = stack.enter_context(output.open("wb"))
+            except OSError as exc:
+                raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
+        if args.include:
+            head = [f"{response.http_version} {status} {response.reason_phrase}\r\n".encode()]
+            head += [name + b": " + value + b"\r\n" for name, value in response.headers.raw]
+            stream.write(b"".join(head) + b"\r\n")
+        for chunk in response.iter_bytes():
+            stream.write(chunk)
+        stream.flush()
+    if status >= 400:
+        _err(f"error: {status} {response.reason_phrase}")
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------- hidden
+# The hidden-server agent (rendezvous/agent/hidden.py). Its defaults are repeated here rather
+# than imported, so building the parser does not load the agent package; tests check they agree.
+
+_HIDDEN_POOL = 4
+_HIDDEN_MAX_PARK_AGE = 300.0
+_HIDDEN_BACKOFF_CAP = 30.0
+_HIDDEN_AUTH_RETRY = 60.0
+_HIDDEN_STATUS_INTERVAL = 60.0
+_HIDDEN_GRACE = 10.0
+
+_HIDDEN_EPILOG = """\
+example:
+  rendezvous hidden --config hub.json --forward 127.0.0.1:8080
+      then, from anywhere: curl --digest -u ID:x --cacert relay-cert.pem https://RELAY:8899/
+
+The agent keeps --pool connections parked at the relay and parks a new one the moment one is
+paired. After a failure it retries with exponential back-off (up to --backoff-cap); when the
+relay refuses its credentials (401: wrong secret, entry removed, clock off) it says so once
+and retries every --auth-retry seconds. One log line per event on stderr, and a status line
+every --status-interval seconds.
+
+exit status: 0 after SIGINT or SIGTERM (active pairings get --grace seconds to finish; a
+second signal cuts them); 2 for a missing or malformed provisioning file or a bad option."""
+
+
+def _add_hidden(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "hidden",
+        formatter_class=_Formatter,
+        help="run a hidden server's agent: park at the relay, forward pairings to a local port",
+        description="Run the agent of a hidden server: keep connections parked at the relay\n"
+        "named in its provisioning file (from 'rendezvous users add') and forward each\n"
+        "mobile client paired with one to a local TCP service, e.g. an HTTP server on\n"
+        "this machine. The local service needs no open port to the outside.",
+        epilog=_HIDDEN_EPILOG,
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        required=True,
+        help="the hidden server's provisioning file (ID, secret, relay, certificate)",
+    )
+    p.add_argument(
+        "--forward",
+        metavar="HOST:PORT",
+        required=True,
+        help="the local service each pairing is forwarded to (PORT alone: 127.0.0.1:PORT)",
+    )
+    p.add_argument(
+        "--server",
+        metavar="HOST[:PORT]",
+        help=f"reach the relay here instead of at the provisioning file's address (port "
+        f"default: {DEFAULT_PORT})",
+    )
+    p.add_argument(
+        "--pool",
+        type=_int_in(1, 1000),
+        default=_HIDDEN_POOL,
+        metavar="N",
+        help="connections kept parked, i.e. mobile clients served at once without waiting "
+        "(default: %(default)s)",
+    )
+    timing = p.add_argument_group("timing")
+    timing.add_argument(
+        "--max-park-age",
+        type=_seconds(allow_zero=False),
+        default=_HIDDEN_MAX_PARK_AGE,
+        metavar="SECONDS",
+        help="replace a parked connection older than this, so none is silently dead "
+        "(default: %(default)s)",
+    )
+    timing.add_argument(
+        "--backoff-cap",
+        type=_seconds(allow_zero=False),
+        default=_HIDDEN_BACKOFF_CAP,
+        metavar="SECONDS",
+        help="longest wait between attempts when the relay is unreachable "
+        "(default: %(default)s)",
+    )
+    timing.add_argument(
+        "--auth-retry",
+        type=_seconds(allow_zero=False),
+        default=_HIDDEN_AUTH_RETRY,
+        metavar="SECONDS",
+        help="wait between attempts while the relay refuses our credentials "
+        "(default: %(default)s)",
+    )
+    timing.add_argument(
+        "--status-interval",
+        type=_seconds(allow_zero=False),
+        default=_HIDDEN_STATUS_INTERVAL,
+        metavar="SECONDS",
+        help="period of the status log line (default: %(default)s)",
+    )
+    timing.add_argument(
+        "--grace",
+        type=_seconds(allow_zero=True),
+        default=_HIDDEN_GRACE,
+        metavar="SECONDS",
+        help="time active pairings get to finish after SIGINT/SIGTERM (default: %(default)s)",
+    )
+    run = p.add_argument_group("runtime")
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines on stderr as text or as JSON objects (default: %(default)s)",
+    )
+    run.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio event loop")
+    p.set_defaults(handler=_hidden)
+
+
+def _cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
+    """The cluster settings of ``serve``, or None without --cluster."""
+    if args.cluster is None:
+        return None
+    if not args.cluster_key:
+        raise ConfigError(f"--cluster needs --cluster-key or ${ENV_CLUSTER_KEY}: the nodes' "
+                          "shared secret (at least 16 characters)")
+    if len(args.cluster_key) < 16:
+        raise ConfigError("the cluster key must be at least 16 characters")
+    host, port = _address(args.internal, "--internal", _host_port("127.0.0.1", None))
+    advertise = args.advertise
+    if advertise is None and host in ("0.0.0.0", "::", ""):
+        raise ConfigError("--internal binds every interface: say which address other nodes "
+                          "dial with --advertise HOST:PORT")
+    if advertise is not None:
+        advertise = "{}:{}".format(*_address(advertise, "--advertise", _host_port(None, None)))
+    return ClusterConfig(redis_url=args.cluster, node_id=args.node_id or socket.gethostname(),
+                         internal_host=host, internal_port=port, cluster_key=args.cluster_key,
+                         advertise=advertise, ttl=args.cluster_ttl)
+
+
+def _address(text: str, flag: str, parse: Callable[[str], tuple[str, int]]) -> tuple[str, int]:
+    """``parse(text)``, its complaint turned into a one-line error naming ``flag``."""
+    try:
+        host, port = parse(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"{flag} must be HOST:PORT, e.g. 127.0.0.1:8080 ({exc})") from None
+    if port == 0:
+        raise ConfigError(f"{flag} must be HOST:PORT with a port from 1 to 65535, not {text!r}")
+    return host, port
+
+
+def _hidden(args: argparse.Namespace) -> int:
+    forward = _address(args.forward, "--forward", _host_port("127.0.0.1", None))
+    server = (_address(args.server, "--server", _host_port(None, DEFAULT_PORT))
+              if args.server is not None else None)
+    from rendezvous import logs
+    from rendezvous.agent.hidden import HiddenAgent, forward_to, serve_until_signalled
+    from rendezvous.provisioning import load_provisioning
+    from rendezvous.server.app import loop_factory
+
+    provisioning = load_provisioning(args.config)
+    agent = HiddenAgent(
+        provisioning,
+        handler=forward_to(*forward),
+        pool=args.pool,
+        server=server,
+        max_park_age=args.max_park_age,
+        backoff_cap=args.backoff_cap,
+        auth_retry=args.auth_retry,
+        status_interval=args.status_interval,
+        grace=args.grace,
+    )
+    logs.configure_logging(args.log_format)
+    with asyncio.Runner(loop_factory=loop_factory(not args.no_uvloop)) as runner:
+        runner.run(serve_until_signalled(agent))
+    return 0
+
+
+# ---------------------------------------------------------------------------- admin
+
+
+def _admin_password_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument(
+        "--admin-password",
+        metavar="PASSWORD",
+        help=f"password of the admin page (default: ${ENV_ADMIN_PASSWORD}; the variable keeps it "
+        "out of the process list). Required to listen on anything but loopback; with it, "
+        "every page asks to log in",
+    )
+
+
+def _admin_page_options(p: argparse.ArgumentParser) -> None:
+    """``serve --admin`` and its settings."""
+    group = p.add_argument_group(
+        "admin page",
+        "The admin page lists, adds, rotates and removes hidden servers and shows the\n"
+        "relay's live numbers; it also serves /metrics (Prometheus), /healthz and /readyz.",
+    )
+    group.add_argument(
+        "--admin",
+        nargs="?",
+        const=(DEFAULT_ADMIN_HOST, DEFAULT_ADMIN_PORT),
+        type=_host_port(DEFAULT_ADMIN_HOST, DEFAULT_ADMIN_PORT),
+        metavar="HOST:PORT",
+        help=f"serve the admin page here, in the relay's process (with no value: "
+        f"{DEFAULT_ADMIN_HOST}:{DEFAULT_ADMIN_PORT})",
+    )
+    _admin_password_option(group)
+    group.add_argument(
+        "--metrics-per-id",
+        action="store_true",
+        help="add a parked-connections series per hidden-server ID to /metrics",
+    )
+    group.add_argument(
+        "--server-host",
+        metavar="HOST",
+        help="relay host written into provisioning files made on the page (default: the first "
+        "public name in the relay's certificate, else this machine's FQDN)",
+    )
+    group.add_argument(
+        "--server-port",
+        type=_int_in(1, 65535),
+        metavar="PORT",
+        help="relay port written into those files (default: the port the relay listens on)",
+    )
+
+
+def _admin_password(args: argparse.Namespace) -> str | None:
+    given: str | None = args.admin_password
+    if given is not None:
+        return given
+    return os.environ.get(ENV_ADMIN_PASSWORD) or None
+
+
+def _serve_admin(args: argparse.Namespace) -> AdminConfig | None:
+    """The admin page's settings for ``serve`` (None without --admin); raises ConfigError for a
+    page that would be open to the network."""
+    address: tuple[str, int] | None = args.admin
+    if address is None:
+        return None
+    host, port = address
+    return AdminConfig(
+        host=host, port=port, password=_admin_password(args), metrics_per_id=args.metrics_per_id
+    )
+
+
+def _serve_relay_address(
+    args: argparse.Namespace, data_dir: Path, tls: TLSConfig | None
+) -> RelayAddress:
+    """What the page's provisioning files say about this relay."""
+    cert_file = tls.cert_file if tls is not None else data_dir / CERT_FILE
+    host: str = args.server_host or default_server_host(cert_file)
+    ca = self_signed_pem(tls.cert_file) if tls is not None else None
+    return RelayAddress(host=host, port=args.server_port, ca_pem=ca)
+
+
+def _add_admin(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "admin",
+        parents=[_registry_options()],
+        formatter_class=_Formatter,
+        help="serve the admin page alone: manage hidden servers from a browser",
+        description="Serve the admin page over the registry, without a relay (like\n"
+        "node-rendezvous's registrar): list, add, rotate and remove hidden servers, and hand\n"
+        "out their provisioning files. For live relay numbers use 'serve --admin' instead.",
+    )
+    p.add_argument(
+        "--listen",
+        type=_host_port(DEFAULT_ADMIN_HOST, DEFAULT_ADMIN_PORT),
+        default=(DEFAULT_ADMIN_HOST, DEFAULT_ADMIN_PORT),
+        metavar="HOST:PORT",
+        help=f"address of the page (default: {DEFAULT_ADMIN_HOST}:{DEFAULT_ADMIN_PORT})",
+    )
+    _admin_password_option(p)
+    group = p.add_argument_group("provisioning files")
+    group.add_argument(
+        "--server-host",
+        metavar="HOST",
+        help="relay host hidden servers connect to (default: the first public name in "
+        "DIR/cert.pem, else this machine's FQDN)",
+    )
+    group.add_argument(
+        "--server-port",
+        type=_int_in(1, 65535),
+        default=DEFAULT_PORT,
+        metavar="PORT",
+        help="relay port hidden servers connect to (default: %(default)s)",
+    )
+    ca = group.add_mutually_exclusive_group()
+    ca.add_argument(
+        "--ca",
+        metavar="FILE",
+        type=Path,
+        help="PEM certificate hidden servers must trust for the relay (default: DIR/cert.pem "
+        "if it exists and is self-signed, else none)",
+    )
+    ca.add_argument(
+        "--no-ca", action="store_true", help="no certificate: the relay's chains to a public CA"
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text or as JSON objects (default: %(default)s)",
+    )
+    p.set_defaults(handler=_admin)
+
+
+def _admin(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    registry_url = _registry_url(args, data_dir)
+    host, port = args.listen
+    # Built first: a page that would be open to the network is refused before anything happens.
+    access = AdminConfig(host=host, port=port, password=_admin_password(args))
+    _prepare_data_dir(data_dir, registry_url, create=True)
+    ca, ca_source = relay_ca(data_dir, args.ca, no_ca=args.no_ca)
+    relay = RelayAddress(
+        host=args.server_host or default_server_host(data_dir / CERT_FILE),
+        port=args.server_port,
+        ca_pem=ca,
+    )
+    _err(f"registry: {_redact(registry_url)}")
+    _err(f"provisioning files: server {relay.host}:{relay.port}, CA {ca_source}")
+
+    # Imported here so the other commands start without loading aiohttp.
+    from rendezvous.admin import run
+
+    return run(replace(access, relay=relay), registry_url, args.log_format)

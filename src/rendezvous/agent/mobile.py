@@ -70,9 +70,12 @@ MAX_HEADERS = DEFAULT_MAX_HEADERS
 MAX_RESPONSE_HEAD = 64 * 1024
 # The relay's error bodies are under 200 bytes; a longer body is never one of them.
 MAX_ERROR_BODY = 4096
-# A local client that half-closed (EOF) and hears nothing from the hidden server for this long
-# is taken to be gone: asyncio cannot half-close the TLS leg to let the hidden server know.
-HALF_CLOSED_IDLE = 60.0
+# A local client that sent EOF and hears nothing from the hidden server for this long is taken
+# to be gone. Its EOF cannot be passed on (asyncio cannot half-close the TLS leg, and closing it
+# would lose the answer to a client that only half-closed), and from here a full close looks the
+# same as a half-close: without this bound, every closed keep-alive connection would hold a
+# pairing, and a hidden server's connection, until the hidden server timed it out.
+HALF_CLOSED_IDLE = 30.0
 # Bound on waiting for a transport to finish closing (a TLS close_notify exchange, a flush).
 CLOSE_TIMEOUT = 5.0
 
@@ -300,6 +303,11 @@ class Tunnel:
     ) -> None:
         if auth not in AUTH_SCHEMES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_SCHEMES)}, not {auth!r}")
+        # The ID goes into a header: no byte of it may end or fold the header line.
+        if not uuid or any(ord(c) < 0x20 or ord(c) == 0x7F for c in uuid):
+            raise ValueError(f"invalid ID {uuid!r}")
+        if auth == "basic" and ":" in uuid:
+            raise ValueError(f"ID {uuid!r} holds ':', which Basic credentials cannot carry")
         self.uuid = uuid
         self.server = server
         self.listen = listen
@@ -610,6 +618,9 @@ class _Pairing:
         if answer is not None and answer.status >= 400 and _may_be_relay_error(answer):
             data += await _read_rest(reader, answer, data[end:])
             diagnostic = relay_diagnostic(answer.status, data[end:])
+            if diagnostic is not None and not answer.closes:
+                # Say so, or a keep-alive client may send its next request into our close.
+                data = data[: end - 2] + b"Connection: close\r\n\r\n" + data[end:]
         self.down += len(data)
         writer.write(data)
         await writer.drain()

@@ -1,0 +1,229 @@
+"""Three relay nodes on one real redis-server: any node pairs any hidden server.
+
+Every node is a real `rendezvous serve --cluster ...` process; hidden servers park on one node
+and mobile clients come in through the others.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import websockets.sync.client
+from conftest import flush_redis
+from harness import PARKED, HiddenHTTPService, make_certificate, recv_exactly
+from support import free_port, stop_process, tail, wait_for_port
+from websockets.frames import Frame, Opcode
+from websockets.server import ServerProtocol
+
+from rendezvous.protocol.totp import current_token
+from rendezvous.registry import Entry, new_secret
+
+CLUSTER_KEY = "test-cluster-key-0123456789"
+TTL = 1.5  # seconds a dead node stays listed: short, so the kill test is quick
+
+
+@dataclass
+class Node:
+    """One relay node process, with what HiddenHTTPService needs to park at it."""
+
+    name: str
+    port: int
+    internal: int
+    cert: Path
+    log: Path
+    redis_url: str
+    cluster_url: str
+    proc: subprocess.Popen[bytes] | None = None
+    sockets: list[ssl.SSLSocket] = field(default_factory=list)
+
+    def start(self, data_dir: Path) -> None:
+        with self.log.open("ab") as sink:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rendezvous", "serve", "--host", "127.0.0.1", "--port",
+                 str(self.port), "--data-dir", str(data_dir), "--registry", self.redis_url,
+                 "--cluster", self.cluster_url, "--node-id", self.name, "--internal",
+                 f"127.0.0.1:{self.internal}", "--cluster-ttl", str(TTL), "--settle", "0",
+                 "--pair-wait", "2"],
+                stdout=sink, stderr=subprocess.STDOUT,
+                env={**os.environ, "RENDEZVOUS_CLUSTER_KEY": CLUSTER_KEY})
+        wait_for_port("127.0.0.1", self.port, 20, self.proc)
+
+    def connect(self) -> ssl.SSLSocket:
+        context = ssl.create_default_context(cafile=str(self.cert))
+        raw = __import__("socket").create_connection(("127.0.0.1", self.port), timeout=10)
+        return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+    def park(self, entry: Entry, token: str | None = None) -> ssl.SSLSocket:
+        sock = self.connect()
+        token = token or current_token(entry.base32, entry.step, entry.digits)
+        sock.sendall(f"CONNECT uuid:{entry.uuid}?response={token} HTTP/1.1\r\n\r\n".encode())
+        assert recv_exactly(sock, len(PARKED)) == PARKED
+        return sock
+
+    def published(self, uuid: str) -> int:
+        """This node's parked count for ``uuid`` as the cluster sees it."""
+        client = redis.Redis.from_url(self.cluster_url)
+        try:
+            value = client.hget(f"rendezvous:parked:{uuid}", self.name)
+        finally:
+            client.close()
+        return int(value or 0)
+
+    def wait_parked(self, uuid: str, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.published(uuid) != count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: {self.published(uuid)} parked, not {count}"
+                                     f"\n{tail(self.log)}")
+            time.sleep(0.02)
+
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, redis_url: str) -> Iterator[dict[str, Node]]:
+    cluster_url = redis_url.rsplit("/", 1)[0] + "/1"
+    flush_redis(redis_url)
+    flush_redis(cluster_url)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    tls = make_certificate(data_dir)  # every node serves the same certificate
+    found = {name: Node(name, free_port(), free_port(), tls.cert_file,
+                        tmp_path / f"{name}.log", redis_url, cluster_url) for name in "ABC"}
+    try:
+        for node in found.values():
+            node.start(data_dir)
+        yield found
+    finally:
+        for node in found.values():
+            node.stop()
+
+
+def add_entry(redis_url: str) -> Entry:
+    entry = Entry(uuid=f"cluster-{time.monotonic_ns()}", base32=new_secret())
+    client = redis.Redis.from_url(redis_url)
+    try:
+        import json
+        client.set(entry.uuid, json.dumps(entry.to_record()))
+    finally:
+        client.close()
+    return entry
+
+
+def digest_client(node: Node, entry: Entry) -> httpx.Client:
+    return httpx.Client(base_url=node.url(), auth=httpx.DigestAuth(entry.uuid, "x"),
+                        verify=ssl.create_default_context(cafile=str(node.cert)), timeout=20)
+
+
+def test_hidden_server_on_a_is_reached_through_b_and_c(nodes: dict[str, Node],
+                                                       redis_url: str) -> None:
+    entry = add_entry(redis_url)
+    body = os.urandom(3 * 1024 * 1024)
+    with HiddenHTTPService(nodes["A"], entry, parked=2) as service:  # type: ignore[arg-type]
+        for name in "BC":
+            with digest_client(nodes[name], entry) as client:
+                answer = client.get(f"/via/{name}")
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["path"] == f"/via/{name}"
+                posted = client.post("/upload", content=body)
+                assert posted.json() == {"length": len(body),
+                                         "sha256": hashlib.sha256(body).hexdigest()}
+        assert service.pairings >= 2
+    for name in "BC":
+        assert '"forwarded"' in nodes[name].log.read_text() or "forwarded" in \
+            nodes[name].log.read_text()
+
+
+def test_websocket_through_another_node(nodes: dict[str, Node], redis_url: str) -> None:
+    entry = add_entry(redis_url)
+    hidden = nodes["A"].park(entry)
+    nodes["A"].wait_parked(entry.uuid, 1)
+    context = ssl.create_default_context(cafile=str(nodes["C"].cert))
+
+    def echo_one() -> None:
+        protocol = ServerProtocol()
+        while True:
+            data = hidden.recv(65536)
+            protocol.receive_data(data)
+            events = protocol.events_received()
+            if events:
+                break
+        request = events[0]
+        protocol.send_response(protocol.accept(request))  # type: ignore[arg-type]
+        hidden.sendall(b"".join(protocol.data_to_send()))
+        while True:
+            protocol.receive_data(hidden.recv(65536))
+            for event in protocol.events_received():
+                if isinstance(event, Frame) and event.opcode == Opcode.TEXT:
+                    protocol.send_text(event.data)
+                    hidden.sendall(b"".join(protocol.data_to_send()))
+                    return
+
+    import threading
+    thread = threading.Thread(target=echo_one, daemon=True)
+    thread.start()
+    with websockets.sync.client.connect(
+            f"wss://127.0.0.1:{nodes['C'].port}/ws?rendezvous={entry.uuid}", ssl=context,
+            open_timeout=10) as ws:
+        ws.send("hello across nodes")
+        assert ws.recv(timeout=10) == "hello across nodes"
+    thread.join(5)
+    hidden.close()
+
+
+def test_wrong_cluster_key_cannot_join_the_conversation(nodes: dict[str, Node]) -> None:
+    from rendezvous.server.cluster import CLUSTER_CERT_NAME, cluster_ssl_contexts
+
+    _, stranger = cluster_ssl_contexts("some-other-key-0123456789")
+    raw = __import__("socket").create_connection(("127.0.0.1", nodes["A"].internal), timeout=5)
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        with stranger.wrap_socket(raw, server_hostname=CLUSTER_CERT_NAME) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            sock.recv(1)
+
+
+def test_a_dead_node_is_forgotten_and_its_hidden_servers_repark_elsewhere(
+        nodes: dict[str, Node], redis_url: str) -> None:
+    entry = add_entry(redis_url)
+    a, b, c = nodes["A"], nodes["B"], nodes["C"]
+    hidden = a.park(entry)
+    a.wait_parked(entry.uuid, 1)
+    active = b.connect()
+    active.sendall(f"GET /long HTTP/1.1\r\nAuthorization: Basic "
+                   f"{base64.b64encode(f'{entry.uuid}:x'.encode()).decode()}\r\n\r\n".encode())
+    assert hidden.recv(100).startswith(b"GET /long")  # paired through A
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(5)
+    active.settimeout(5)
+    assert active.recv(100) == b""  # the pairing through A ends
+    active.close()
+    hidden.close()
+    # Until A's heartbeat expires B may still try A (and fall back); after it, nobody routes
+    # there: a client for an ID parked nowhere gets its 404 without a failed forward.
+    time.sleep(TTL + 0.5)
+    mark = len(b.log.read_text())
+    with digest_client(b, entry) as client:
+        assert client.get("/nobody-parked").status_code == 404
+    assert "forward failed" not in b.log.read_text()[mark:]
+    # The hidden server re-parks on C; clients through B reach it again.
+    with HiddenHTTPService(c, entry, parked=1), digest_client(b, entry) as client:  # type: ignore[arg-type]
+        assert client.get("/again").json()["path"] == "/again"
