@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -26,6 +27,7 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -70,6 +72,7 @@ from rendezvous.errors import (
     RendezvousError,
     UnknownEntry,
 )
+from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.provisioning import (
     MAX_DIGITS,
     MIN_DIGITS,
@@ -439,6 +442,12 @@ def _add_users(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=DEFAULT_DIGITS,
         help="TOTP code length, 6 to 8 (default: %(default)s)",
     )
+    add.add_argument(
+        "--visitor-password",
+        metavar="PASSWORD",
+        help="make visitors log in: the relay checks their Digest (or Basic) password before "
+        "pairing (default: none; any password, as node-rendezvous)",
+    )
 
     lst = action("list", _users_list, "list the hidden servers")
     lst.add_argument("--json", action="store_true", help="print a JSON array (no secrets)")
@@ -455,6 +464,17 @@ def _add_users(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         output,
     )
     rotate.add_argument("id", metavar="ID")
+
+    visitor = action(
+        "visitor",
+        _users_visitor,
+        "set or clear the password visitors of a hidden server must log in with",
+    )
+    visitor.add_argument("id", metavar="ID")
+    choice = visitor.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--password", help="the new visitor password (Digest user name: ID)")
+    choice.add_argument("--off", action="store_true",
+                        help="no visitor check: any password is accepted again")
 
     remove = action("remove", _users_remove, "remove a hidden server; it can no longer park")
     remove.add_argument("id", metavar="ID")
@@ -758,7 +778,9 @@ def _users_add(args: argparse.Namespace) -> int:
             "letter or digit"
         )
     entry = Entry(
-        uuid=uuid, base32=new_secret(), step=args.step, digits=args.digits, label=args.label
+        uuid=uuid, base32=new_secret(), step=args.step, digits=args.digits, label=args.label,
+        visitor=(VisitorSecret.from_password(uuid, args.visitor_password)
+                 if args.visitor_password else None),
     )
     _prepare_data_dir(data_dir, registry_url, create=True)
 
@@ -790,6 +812,29 @@ def _users_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _users_visitor(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    registry_url = _registry_url(args, data_dir)
+    uuid: str = args.id
+    _prepare_data_dir(data_dir, registry_url, create=False)
+    password: str | None = None if args.off else args.password
+    if password is not None and not password:
+        raise ConfigError("the visitor password is empty (use --off for no check)")
+    secret = VisitorSecret.from_password(uuid, password) if password is not None else None
+
+    async def op(registry: Registry) -> None:
+        old = await _get(registry, uuid)
+        await registry.replace(dataclasses.replace(old, visitor=secret, updated=time.time()))
+
+    _with_registry(registry_url, op)
+    if secret is None:
+        print(f"hidden server {uuid}: visitors are no longer checked")
+    else:
+        print(f"hidden server {uuid}: visitors must now log in (user name {uuid}, the password "
+              "you gave), from the hidden server's next parked connection on")
+    return 0
+
+
 async def _get(registry: Registry, uuid: str) -> Entry:
     entry = await registry.get(uuid)
     if entry is None:
@@ -804,6 +849,8 @@ def _public_record(entry: Entry, *, secret: bool) -> dict[str, Any]:
     record["updated"] = _local_time(entry.updated)
     if not secret:
         del record["authParams"]["base32"]
+        record.pop("visitor", None)
+    record["visitorCheck"] = entry.visitor is not None
     return record
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from rendezvous.errors import ConfigError, DuplicateEntry, RegistryError, UnknownEntry
+from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.registry import Entry, Registry, new_secret, open_registry
 from rendezvous.registry.memory import MemoryRegistry
 from rendezvous.registry.redis import RedisRegistry
@@ -107,6 +108,7 @@ def test_round_trip_of_every_field(url: str) -> None:
         label="living-room hub — étage 2",
         created=1_700_000_000.123456,
         updated=1_700_000_123.654321,
+        visitor=VisitorSecret.from_password("2f402f80-da50-11e1-9b23-000000000001", "pw"),
     )
 
     async def body(registry: Registry) -> None:

@@ -7,11 +7,13 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from rendezvous.errors import ConfigError, RegistryError
+from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.registry import Entry
 from rendezvous.registry.sqlite import SQLiteRegistry, path_from_url
 
@@ -98,7 +100,8 @@ def test_creates_folders_and_uses_wal(tmp_path: Path) -> None:
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(entries)")]
-        assert columns == ["uuid", "base32", "step", "digits", "label", "created", "updated"]
+        assert columns == ["uuid", "base32", "step", "digits", "label", "created", "updated",
+                           "visitor"]
     finally:
         conn.close()
 
@@ -188,3 +191,25 @@ def test_relative_path_is_relative_to_the_current_folder(
 
     asyncio.run(main())
     assert (tmp_path / "data" / "registry.sqlite3").is_file()
+
+
+def test_a_file_from_before_the_visitor_column_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE entries (uuid TEXT PRIMARY KEY, base32 TEXT NOT NULL, step "
+                     "INTEGER NOT NULL, digits INTEGER NOT NULL, label TEXT NOT NULL DEFAULT '', "
+                     "created REAL NOT NULL, updated REAL NOT NULL)")
+        conn.execute("INSERT INTO entries VALUES ('old', 'JBSWY3DPEHPK3PXP', 30, 6, '', 1, 1)")
+    conn.close()
+
+    async def body() -> None:
+        registry = SQLiteRegistry(f"sqlite:///{path}")
+        entry = await registry.get("old")
+        assert entry is not None and entry.visitor is None
+        secret = VisitorSecret.from_password("old", "pw")
+        await registry.replace(replace(entry, visitor=secret))
+        again = await registry.get("old")
+        assert again is not None and again.visitor == secret
+        await registry.close()
+
+    asyncio.run(body())

@@ -45,22 +45,28 @@ def full_error(
     )
 
 
-def _authenticate_header() -> bytes:
-    nonce = secrets.token_hex(16)
+def _authenticate_header(nonce: str | None) -> bytes:
+    nonce = nonce or secrets.token_hex(16)
     return (
         f'WWW-Authenticate: Digest realm="{REALM}", qop="auth, auth-int", '
         f'nonce="{nonce}", opaque="{OPAQUE}"\r\n'
     ).encode()
 
 
-def challenge(upgrade: bool, close: bool) -> bytes:
-    """The 401 Digest challenge that tells a mobile client to name its hidden server."""
+def challenge(upgrade: bool, close: bool, nonce: str | None = None,
+              authenticate: bytes | None = None) -> bytes:
+    """The 401 Digest challenge that tells a mobile client to name its hidden server.
+
+    ``authenticate`` replaces the original's ``WWW-Authenticate`` line (the visitor check offers
+    SHA-256 and MD5 in two lines).
+    """
+    header = authenticate or _authenticate_header(nonce)
     if upgrade:
-        return b"HTTP/1.1 401\r\n" + _authenticate_header() + b"\r\n"
+        return b"HTTP/1.1 401\r\n" + header + b"\r\n"
     return b"".join(
         [
             b"HTTP/1.1 401 Unauthorized\r\n",
-            _authenticate_header(),
+            header,
             b"Content-Length: 0\r\n",
             b"Connection: close\r\n" if close else b"",
             b"\r\n",

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from rendezvous.protocol.digest import VisitorSecret
+
 DEFAULT_STEP = 30
 DEFAULT_DIGITS = 6
 # 160 bits, the size RFC 4226 recommends for an HMAC-SHA1 secret.
@@ -31,6 +33,8 @@ class Entry:
     label: str = ""
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    # With a visitor password, mobile clients must log in for real (protocol/digest.py).
+    visitor: VisitorSecret | None = None
 
     def rotated(self) -> Entry:
         """The same entry with a new secret."""
@@ -44,6 +48,8 @@ class Entry:
             "created": self.created,
             "updated": self.updated,
             "authParams": {"base32": self.base32, "step": self.step, "digits": self.digits},
+            **({"visitor": {"md5": self.visitor.md5, "sha256": self.visitor.sha256}}
+               if self.visitor else {}),
         }
 
     @classmethod
@@ -51,6 +57,7 @@ class Entry:
         """Read a record written by us or by node-rendezvous (which has only ``authParams``)."""
         auth = record["authParams"]
         created = float(record.get("created") or 0.0)
+        visitor = record.get("visitor")
         return cls(
             uuid=uuid,
             base32=str(auth["base32"]),
@@ -59,6 +66,8 @@ class Entry:
             label=str(record.get("label") or ""),
             created=created,
             updated=float(record.get("updated") or created),
+            visitor=(VisitorSecret(md5=str(visitor["md5"]), sha256=str(visitor["sha256"]))
+                     if isinstance(visitor, dict) else None),
         )
 
 

@@ -15,11 +15,13 @@ Every call runs synchronously on the caller's thread (the event loop, in the ser
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from rendezvous.errors import ConfigError, DuplicateEntry, RegistryError, UnknownEntry
+from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.registry.base import Entry, Registry
 
 # How long a statement waits for another connection's lock before failing. Only writers contend
@@ -36,11 +38,14 @@ CREATE TABLE IF NOT EXISTS entries (
     digits  INTEGER NOT NULL,
     label   TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    visitor TEXT NOT NULL DEFAULT ''
 )
 """
+# Files made before the visitor check lack its column: added on open.
+_MIGRATIONS = {"visitor": "ALTER TABLE entries ADD COLUMN visitor TEXT NOT NULL DEFAULT ''"}
 
-_COLUMNS = "uuid, base32, step, digits, label, created, updated"
+_COLUMNS = "uuid, base32, step, digits, label, created, updated, visitor"
 
 
 def path_from_url(url: str) -> Path:
@@ -65,8 +70,15 @@ def path_from_url(url: str) -> Path:
     return Path(rest)
 
 
+def _visitor_text(entry: Entry) -> str:
+    if entry.visitor is None:
+        return ""
+    return json.dumps({"md5": entry.visitor.md5, "sha256": entry.visitor.sha256})
+
+
 def _entry(row: tuple[Any, ...]) -> Entry:
-    uuid, base32, step, digits, label, created, updated = row
+    uuid, base32, step, digits, label, created, updated, visitor = row
+    secret = json.loads(visitor) if visitor else None
     return Entry(
         uuid=uuid,
         base32=base32,
@@ -75,6 +87,7 @@ def _entry(row: tuple[Any, ...]) -> Entry:
         label=label or "",
         created=float(created),
         updated=float(updated),
+        visitor=VisitorSecret(secret["md5"], secret["sha256"]) if secret else None,
     )
 
 
@@ -112,6 +125,10 @@ class SQLiteRegistry(Registry):
         try:
             conn.execute("PRAGMA journal_mode = WAL").fetchall()
             conn.execute(_SCHEMA)
+            present = {row[1] for row in conn.execute("PRAGMA table_info(entries)").fetchall()}
+            for column, statement in _MIGRATIONS.items():
+                if column not in present:
+                    conn.execute(statement)
         except sqlite3.Error as exc:
             conn.close()
             raise self._error("open", exc) from exc
@@ -143,7 +160,7 @@ class SQLiteRegistry(Registry):
         conn = self._connect()
         try:
             conn.execute(
-                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     entry.uuid,
                     entry.base32,
@@ -152,6 +169,7 @@ class SQLiteRegistry(Registry):
                     entry.label,
                     entry.created,
                     entry.updated,
+                    _visitor_text(entry),
                 ),
             )
         except sqlite3.IntegrityError as exc:
@@ -164,7 +182,7 @@ class SQLiteRegistry(Registry):
         changed = self._change(
             "write",
             "UPDATE entries SET base32 = ?, step = ?, digits = ?, label = ?, created = ?,"
-            " updated = ? WHERE uuid = ?",
+            " updated = ?, visitor = ? WHERE uuid = ?",
             (
                 entry.base32,
                 entry.step,
@@ -172,6 +190,7 @@ class SQLiteRegistry(Registry):
                 entry.label,
                 entry.created,
                 entry.updated,
+                _visitor_text(entry),
                 entry.uuid,
             ),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import resource
 import signal
@@ -67,7 +68,10 @@ class RendezvousServer:
         """Bind and start accepting."""
         loop = asyncio.get_running_loop()
         config = self.config
-        hub = Hub(self.registry, config.limits, loop, tls=self.ssl_context is not None)
+        nonce_key = (hashlib.sha256(b"rendezvous nonces\0" + config.cluster.cluster_key.encode())
+                     .digest() if config.cluster is not None else None)
+        hub = Hub(self.registry, config.limits, loop, tls=self.ssl_context is not None,
+                  nonce_key=nonce_key)
         self.hub = hub
         factory: Callable[[], Connection] = lambda: Connection(hub)  # noqa: E731
         self._server = await loop.create_server(

@@ -21,7 +21,8 @@ from typing import cast
 
 from rendezvous import logs
 from rendezvous.errors import RegistryError
-from rendezvous.protocol import responses
+from rendezvous.protocol import digest, responses
+from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.protocol.head import (
     HeadError,
     HeadTooLarge,
@@ -41,6 +42,7 @@ from rendezvous.protocol.routing import (
     route,
 )
 from rendezvous.protocol.totp import token_is_valid
+from rendezvous.registry import Entry
 from rendezvous.server.cluster import CLUSTER_CERT_NAME, ClusterMember
 from rendezvous.server.hub import Hub, Rejection
 
@@ -75,6 +77,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "__weakref__",
         "buffer",
+        "entry",
         "eof",
         "head",
         "hub",
@@ -106,6 +109,7 @@ class Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.head: RequestHead | None = None
         self.uuid = ""
+        self.entry: Entry | None = None  # hidden: the registry entry it parked with
         self.peer: Connection | None = None
         self.peername: tuple[str, int] | None = None
         self.received = 0  # bytes read from this leg and sent on (after pairing)
@@ -292,7 +296,8 @@ class Connection(asyncio.Protocol):
             self._request_pairing()
         elif isinstance(decision, Challenge):
             close = head.is_upgrade or not head.keep_alive
-            self.transport.write(responses.challenge(head.is_upgrade, close))
+            nonce = self.hub.nonces.issue()
+            self.transport.write(responses.challenge(head.is_upgrade, close, nonce))
             self._finish_refused(head, close)
         elif isinstance(decision, Refuse):
             if head.method == "CONNECT" or head.is_upgrade:
@@ -341,6 +346,7 @@ class Connection(asyncio.Protocol):
             self._reject(reason, responses.bare_error(401, DIAG_INVALID), status=401)
             return
         hub.guesses.succeeded(self.address, park.uuid, hub.loop.time())
+        self.entry = entry
         self._cancel_timer()
         self.transport.write(responses.PARKED)
         self.state = PARKED
@@ -440,6 +446,13 @@ class Connection(asyncio.Protocol):
     def pair_with(self, hidden: Connection) -> None:
         """Pair this mobile leg with a parked hidden leg, after the hidden leg has settled."""
         hub = self.hub
+        secret = hidden.entry.visitor if hidden.entry is not None else None
+        if secret is not None:
+            verdict = self._check_visitor(secret)
+            if verdict != "ok":
+                hub.return_to_pool(hidden)
+                self._refuse_visitor(stale=verdict == "stale")
+                return
         self._cancel_timer()
         self.peer, hidden.peer = hidden, self
         self.state = hidden.state = SETTLING
@@ -448,6 +461,32 @@ class Connection(asyncio.Protocol):
             self.timer = hub.loop.call_later(settle, self._start_relay)
         else:
             self._start_relay()
+
+    def _check_visitor(self, secret: VisitorSecret) -> str:
+        """The visitor check of an entry with a visitor password: "ok", "stale", "invalid"."""
+        head = self.head
+        assert head is not None
+        authorization = head.header(b"authorization")
+        if authorization is None:  # named by ?rendezvous=ID: no credentials at all
+            return "invalid"
+        return digest.verify(authorization, head.method, self.uuid, secret, self.hub.nonces)
+
+    def _refuse_visitor(self, stale: bool) -> None:
+        """401 with a fresh challenge (SHA-256 and MD5) to a client that failed the check."""
+        head = self.head
+        assert head is not None
+        self.hub.stop_waiting(self)
+        self._cancel_timer()
+        close = head.is_upgrade or not head.keep_alive
+        answer = responses.challenge(head.is_upgrade, close, authenticate=digest.challenge_headers(
+            self.hub.nonces, stale))
+        if head.is_upgrade:
+            self._reject("visitor not authorized", answer, status=401)
+            return
+        self.transport.write(answer)
+        self._note_rejection("visitor not authorized", 401)
+        self._finish_refused(head, close)
+        self._process_heads()
 
     def _start_relay(self) -> None:
         """Send the hidden server the request and every byte read past it, then relay."""

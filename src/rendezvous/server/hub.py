@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rendezvous.config import Limits
+from rendezvous.protocol.digest import NonceBook
 from rendezvous.registry import Registry
 from rendezvous.server.ratelimit import GuessLimiter
 
@@ -109,7 +110,8 @@ class Hub:
     """Parked pools and waiting mobile clients, keyed by hidden-server ID."""
 
     def __init__(
-        self, registry: Registry, limits: Limits, loop: asyncio.AbstractEventLoop, tls: bool
+        self, registry: Registry, limits: Limits, loop: asyncio.AbstractEventLoop, tls: bool,
+        nonce_key: bytes | None = None,
     ) -> None:
         self.registry = registry
         self.limits = limits
@@ -120,6 +122,8 @@ class Hub:
         self.connections: set[Connection] = set()  # every open one, to cut them at shutdown
         self.per_address: Counter[str] = Counter()  # open connections by source address
         self.guesses = GuessLimiter(limits.guesses)
+        # Digest nonces; nodes of a cluster share the key so any node checks any nonce.
+        self.nonces = NonceBook(nonce_key)
         self._sweeper: asyncio.TimerHandle | None = None
         self.cluster: ClusterMember | None = None  # set when serving as part of a cluster
         self.active_pairs = 0

@@ -1,0 +1,131 @@
+"""The optional visitor check: HTTP Digest (RFC 7616, MD5 and SHA-256) verified for real.
+
+By default the relay only reads the user name of a mobile client's Digest or Basic credentials
+(node-rendezvous's behaviour). An entry may carry a *visitor password*; then the relay checks
+the client's Digest response (or Basic password) before pairing, so strangers who merely know the
+ID never reach the hidden server.
+
+Nonces are stateless to issue: a timestamp and an HMAC of it under a server key, 32 hex digits
+like the original's. A response is accepted only for a fresh nonce (``NONCE_LIFETIME``) and a
+nonce count higher than any seen before with that nonce (replay protection).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from urllib.request import parse_http_list, parse_keqv_list
+
+REALM = "rendezvous"
+NONCE_LIFETIME = 300.0  # seconds a nonce may be used
+MAX_TRACKED_NONCES = 100_000  # nonce-count memory bound; the oldest are forgotten first
+
+_ALGORITHMS = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
+
+
+def _hash(algorithm: str, text: str) -> str:
+    return _ALGORITHMS[algorithm](text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class VisitorSecret:
+    """What the registry keeps of a visitor password: its Digest HA1 in each algorithm
+    (``H(ID:realm:password)``), never the password itself."""
+
+    md5: str
+    sha256: str
+
+    @classmethod
+    def from_password(cls, uuid: str, password: str) -> VisitorSecret:
+        """The secret for visitors of ``uuid`` who log in with ``password``."""
+        text = f"{uuid}:{REALM}:{password}"
+        return cls(md5=_hash("MD5", text), sha256=_hash("SHA-256", text))
+
+    def ha1(self, algorithm: str) -> str:
+        return self.md5 if algorithm == "MD5" else self.sha256
+
+
+class NonceBook:
+    """Issues nonces and accepts each (nonce, count) at most once while the nonce is fresh."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key or secrets.token_bytes(32)
+        self._counts: dict[str, int] = {}  # nonce -> highest count seen, in first-use order
+
+    def issue(self, now: float | None = None) -> str:
+        """A fresh nonce, unique to its challenge: 8 hex digits of time, 8 random, 16 of HMAC
+        over both (so no state is kept for nonces issued but never used)."""
+        stamp = f"{int(now if now is not None else time.time()) & 0xFFFFFFFF:08x}"
+        stamp += secrets.token_hex(4)
+        return stamp + self._mac(stamp)
+
+    def _mac(self, stamp: str) -> str:
+        return hmac.new(self._key, stamp.encode(), hashlib.sha256).hexdigest()[:16]
+
+    def check(self, nonce: str, count: str, now: float | None = None) -> str:
+        """"ok", "stale" (expired: the client may retry with a new one) or "invalid"."""
+        now = now if now is not None else time.time()
+        stamp, mac = nonce[:16], nonce[16:]
+        if len(nonce) != 32 or not hmac.compare_digest(mac, self._mac(stamp)):
+            return "invalid"
+        try:
+            issued, number = int(stamp[:8], 16), int(count, 16)
+        except ValueError:
+            return "invalid"
+        if not 0 <= now - issued <= NONCE_LIFETIME:
+            return "stale"
+        if number <= self._counts.get(nonce, 0):
+            return "invalid"  # a replayed (or reordered) response
+        if nonce not in self._counts and len(self._counts) >= MAX_TRACKED_NONCES:
+            self._counts.pop(next(iter(self._counts)))
+        self._counts[nonce] = number
+        return "ok"
+
+
+def challenge_headers(nonces: NonceBook, stale: bool = False) -> bytes:
+    """``WWW-Authenticate`` lines offering SHA-256 and MD5, for an entry with a visitor
+    password (RFC 7616 §3.7: the preferred algorithm first)."""
+    opaque = hashlib.md5(REALM.encode()).hexdigest()
+    lines = [
+        f'WWW-Authenticate: Digest realm="{REALM}", qop="auth", algorithm={algorithm}, '
+        f'nonce="{nonces.issue()}", opaque="{opaque}"{", stale=true" if stale else ""}\r\n'
+        for algorithm in ("SHA-256", "MD5")
+    ]
+    return "".join(lines).encode()
+
+
+def verify(authorization: bytes, method: str, uuid: str, secret: VisitorSecret,
+           nonces: NonceBook) -> str:
+    """Check a mobile client's credentials against ``secret``: "ok", "stale" or "invalid"."""
+    text = authorization.decode("latin-1").strip()
+    scheme, _, rest = text.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(rest.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return "invalid"
+        user, _, password = decoded.partition(":")
+        expected = VisitorSecret.from_password(uuid, password).md5
+        return "ok" if user == uuid and hmac.compare_digest(expected, secret.md5) else "invalid"
+    if scheme.lower() != "digest":
+        return "invalid"
+    try:
+        fields = parse_keqv_list(parse_http_list(rest))
+    except ValueError:
+        return "invalid"
+    algorithm = fields.get("algorithm", "MD5").upper()
+    required = ("username", "realm", "nonce", "uri", "response", "qop", "nc", "cnonce")
+    if (algorithm not in _ALGORITHMS or any(name not in fields for name in required)
+            or fields["qop"] != "auth" or fields["username"] != uuid or fields["realm"] != REALM):
+        return "invalid"
+    ha2 = _hash(algorithm, f"{method}:{fields['uri']}")
+    expected = _hash(algorithm, ":".join(
+        [secret.ha1(algorithm), fields["nonce"], fields["nc"], fields["cnonce"], "auth", ha2]))
+    if not hmac.compare_digest(expected, fields["response"].lower()):
+        return "invalid"
+    return nonces.check(fields["nonce"], fields["nc"])
