@@ -227,3 +227,17 @@ def test_a_dead_node_is_forgotten_and_its_hidden_servers_repark_elsewhere(
     # The hidden server re-parks on C; clients through B reach it again.
     with HiddenHTTPService(c, entry, parked=1), digest_client(b, entry) as client:  # type: ignore[arg-type]
         assert client.get("/again").json()["path"] == "/again"
+
+
+def test_client_waiting_on_b_is_served_when_the_hidden_server_parks_on_a_later(
+        nodes: dict[str, Node], redis_url: str) -> None:
+    entry = add_entry(redis_url)
+    with nodes["B"].connect() as mobile:
+        mobile.sendall(f"GET /early HTTP/1.1\r\nAuthorization: Basic "
+                       f"{base64.b64encode(f'{entry.uuid}:x'.encode()).decode()}\r\n\r\n"
+                       .encode())
+        time.sleep(0.4)  # B found no parked connection anywhere and keeps looking
+        hidden = nodes["A"].park(entry)
+        hidden.settimeout(5)
+        assert hidden.recv(100).startswith(b"GET /early HTTP/1.1")
+        hidden.close()

@@ -61,6 +61,11 @@ PUBLIC = 0  # accepted on the public listener
 INTERNAL = 1  # accepted from another relay node (cluster): never forwarded again
 OUTBOUND = 2  # opened by us to another relay node, carrying one of our mobile clients
 
+# A client waiting for a hidden server that is parked on no node asks the cluster again after
+# this long, doubling up to the maximum, until pair_wait runs out.
+FORWARD_RETRY_FIRST = 0.025
+FORWARD_RETRY_MAX = 0.25
+
 # A mobile client waiting for its pairing may keep sending its body; we hold this much, then
 # stop reading until the pairing starts (the bytes then flow with back-pressure).
 WAITING_BUFFER_LIMIT = 256 * 1024
@@ -398,34 +403,46 @@ class Connection(asyncio.Protocol):
         """Hand this client to another node that holds a parked connection for its ID.
 
         Meanwhile it keeps waiting here too: whichever comes first, a local park or a remote
-        node, wins; the other is dropped.
+        node, wins. With none yet, Redis is asked again (more and more slowly) until pair_wait
+        runs out: the hidden server is often re-parking somewhere just then.
         """
+        delay = FORWARD_RETRY_FIRST
+        while self.state == WAITING:
+            for node, address in await cluster.locate(self.uuid):
+                if self.state != WAITING:
+                    return
+                if await self._forward_to(cluster, node, address):
+                    return
+            if self.timer is None:  # no pair_wait: nothing else to try
+                if self.state == WAITING:
+                    self._not_found()
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, FORWARD_RETRY_MAX)
+
+    async def _forward_to(self, cluster: ClusterMember, node: str, address: str) -> bool:
+        """Connect to ``node``'s internal listener and relay this client through it."""
         hub = self.hub
-        for node, address in await cluster.locate(self.uuid):
-            if self.state != WAITING:
-                return
-            host, _, port = address.rpartition(":")
-            try:
-                _, outbound = await asyncio.wait_for(hub.loop.create_connection(
-                    lambda: Connection(hub, OUTBOUND), host.strip("[]"), int(port),
-                    ssl=cluster.client_context, server_hostname=CLUSTER_CERT_NAME),
-                    timeout=hub.limits.head_timeout)
-            except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
-                logs.event("forward failed", level=logging.WARNING, id=self.uuid, node=node,
-                           address=address, error=str(exc) or type(exc).__name__)
-                continue
-            if self.state != WAITING:  # paired here meanwhile, or gave up
-                outbound.transport.close()
-                return
-            hub.stop_waiting(self)
-            self._cancel_timer()
-            assert self.head is not None
-            self._link(outbound, self.head.forwarded(strip_authorization=False))
-            hub.stats.forwarded += 1
-            logs.event("forwarded", id=self.uuid, mobile=self._peer_text(), node=node)
-            return
-        if self.state == WAITING and self.timer is None:  # no pair_wait: nothing else to try
-            self._not_found()
+        host, _, port = address.rpartition(":")
+        try:
+            _, outbound = await asyncio.wait_for(hub.loop.create_connection(
+                lambda: Connection(hub, OUTBOUND), host.strip("[]"), int(port),
+                ssl=cluster.client_context, server_hostname=CLUSTER_CERT_NAME),
+                timeout=hub.limits.head_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
+            logs.event("forward failed", level=logging.WARNING, id=self.uuid, node=node,
+                       address=address, error=str(exc) or type(exc).__name__)
+            return False
+        if self.state != WAITING:  # paired here meanwhile, or gave up
+            outbound.transport.close()
+            return True
+        hub.stop_waiting(self)
+        self._cancel_timer()
+        assert self.head is not None
+        self._link(outbound, self.head.forwarded(strip_authorization=False))
+        hub.stats.forwarded += 1
+        logs.event("forwarded", id=self.uuid, mobile=self._peer_text(), node=node)
+        return True
 
     def _not_found(self) -> None:
         """No parked connection came for this ID in time: 404."""
