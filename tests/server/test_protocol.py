@@ -132,6 +132,16 @@ def test_one_code_parks_a_whole_pool(server: ServerThread) -> None:
     server.wait_parked(entry.uuid, 0)  # a parked connection that closes leaves at once
 
 
+def test_parked_connection_ended_with_close_notify_leaves_the_pool(
+        server: ServerThread) -> None:
+    entry = server.add_entry()
+    sock = server.park(entry)
+    server.wait_parked(entry.uuid, 1)
+    sock.unwrap()  # type: ignore[attr-defined]  # a TLS close_notify, not just a TCP close
+    server.wait_parked(entry.uuid, 0)
+    sock.close()
+
+
 def test_full_pool_closes_its_oldest(tmp_path: Path) -> None:
     with running_server(tmp_path, pool_size=2, settle=0.0) as server:
         entry = server.add_entry()

@@ -190,14 +190,24 @@ class Connection(asyncio.Protocol):
                 del hub.per_address[address]
             else:
                 hub.per_address[address] -= 1
+        if self.state == RELAYING:
+            self.state = CLOSED
+            self._cancel_timer()
+            self._relay_leg_lost()
+        else:
+            self._release()
+
+    def _release(self) -> None:
+        """Leave the pool, the waiting line or a pending pairing, whichever this connection is
+        in, and become CLOSED. Every way out but relaying goes through here, so nothing closed
+        stays behind in the hub."""
+        hub = self.hub
         state, self.state = self.state, CLOSED
         self._cancel_timer()
-        if state == RELAYING:
-            self._relay_leg_lost()
-        elif state == PARKED:
-            hub.unpark(self)
-            logs.event("unparked", id=self.uuid, peer=self._peer_text(),
-                       parked_for=f"{hub.loop.time() - self.since:.1f}s")
+        if state == PARKED:
+            if hub.unpark(self):  # (an evicted one was taken out already)
+                logs.event("unparked", id=self.uuid, peer=self._peer_text(),
+                           parked_for=f"{hub.loop.time() - self.since:.1f}s")
         elif state == WAITING:
             hub.stop_waiting(self)
         elif state == SETTLING:
@@ -207,7 +217,6 @@ class Connection(asyncio.Protocol):
             if peer.state != SETTLING:
                 return
             if self.head is not None:  # a mobile client left before its pairing began
-                peer._cancel_timer()
                 peer.state = PARKED
                 hub.return_to_pool(peer)
             else:  # the parked connection died during its settle: find the client another
@@ -249,7 +258,6 @@ class Connection(asyncio.Protocol):
                          responses.bare_error(409, DIAG_EARLY_DATA), status=409)
         elif state == PARKED:
             # A parked connection speaks only after pairing; anything else is a confused peer.
-            self.hub.unpark(self)
             self._reject("data while parked")
 
     def _process_heads(self) -> None:
@@ -377,6 +385,7 @@ class Connection(asyncio.Protocol):
         """Close a parked connection the pool no longer keeps."""
         if self.state == PARKED:
             logs.event("evicted", id=self.uuid, peer=self._peer_text(), reason=reason)
+            self.hub.unpark(self)
             self._close()
 
     # Mobile side ---------------------------------------------------------------------------
@@ -607,8 +616,8 @@ class Connection(asyncio.Protocol):
                    peer=peer)
 
     def _close(self) -> None:
-        self.state = CLOSED
-        self._cancel_timer()
+        """Close a connection that is not relaying (relaying legs close through their peer)."""
+        self._release()
         self.transport.close()
 
     @property

@@ -149,7 +149,8 @@ class Hub:
             return
         pool = self.pools.setdefault(hidden.uuid, deque())
         if len(pool) >= self.limits.pool_size:
-            pool.popleft().evict("pool full")  # the oldest goes: a bound of 1 = the original
+            pool[0].evict("pool full")  # the oldest goes: a bound of 1 = the original
+            pool = self.pools.setdefault(hidden.uuid, pool)  # (evict may drop an empty pool)
         pool.append(hidden)
         self._pool_changed(hidden.uuid)
 
@@ -162,18 +163,19 @@ class Hub:
         self.pools.setdefault(hidden.uuid, deque()).appendleft(hidden)
         self._pool_changed(hidden.uuid)
 
-    def unpark(self, hidden: Connection) -> None:
-        """Forget a parked connection that closed."""
+    def unpark(self, hidden: Connection) -> bool:
+        """Forget a parked connection that closed; False if it was not in its pool."""
         pool = self.pools.get(hidden.uuid)
         if pool is None:
-            return
+            return False
         try:
             pool.remove(hidden)
         except ValueError:
-            return
+            return False
         if not pool:
             del self.pools[hidden.uuid]
         self._pool_changed(hidden.uuid)
+        return True
 
     def _pool_changed(self, uuid: str) -> None:
         if self.cluster is not None:
@@ -234,10 +236,7 @@ class Hub:
         deadline = now - self.limits.parked_timeout
         for pool in list(self.pools.values()):
             while pool and pool[0].since < deadline:
-                pool[0].evict("parked too long")
-                self._pool_changed(pool.popleft().uuid)
-        for uuid in [uuid for uuid, pool in self.pools.items() if not pool]:
-            del self.pools[uuid]
+                pool[0].evict("parked too long")  # takes itself out of the pool
         interval = min(30.0, max(0.05, self.limits.parked_timeout / 4))
         self._sweeper = self.loop.call_later(interval, self.start_sweeping)
 
