@@ -170,13 +170,18 @@ def test_websocket_through_another_node(nodes: dict[str, Node], redis_url: str) 
         request = events[0]
         protocol.send_response(protocol.accept(request))  # type: ignore[arg-type]
         hidden.sendall(b"".join(protocol.data_to_send()))
-        while True:
-            protocol.receive_data(hidden.recv(65536))
+        for _ in range(100):  # echo text frames until the client's close (answered too)
+            data = hidden.recv(65536)
+            if not data:
+                return
+            protocol.receive_data(data)
             for event in protocol.events_received():
                 if isinstance(event, Frame) and event.opcode == Opcode.TEXT:
                     protocol.send_text(event.data)
-                    hidden.sendall(b"".join(protocol.data_to_send()))
-                    return
+            hidden.sendall(b"".join(protocol.data_to_send()))
+            if protocol.close_expected():
+                hidden.close()  # the server side ends the TCP connection (RFC 6455 §7.1.1)
+                return
 
     thread = threading.Thread(target=echo_one, daemon=True)
     thread.start()
