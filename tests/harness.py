@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
-from rendezvous.config import Limits, ServerConfig, TLSConfig
+from rendezvous.config import AdminConfig, Limits, ServerConfig, TLSConfig
 from rendezvous.protocol.totp import current_token
 from rendezvous.registry import Entry, Registry, new_secret, open_registry
 from rendezvous.server import RendezvousServer
@@ -93,6 +93,8 @@ class ServerThread:
         return int(self.sync(lambda: self.server.hub.open_connections))  # type: ignore[union-attr]
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return  # stopped already
         with contextlib.suppress(Exception):
             self.call(self.server.close(grace=0))
             self.call(self.registry.close())
@@ -130,6 +132,11 @@ class ServerThread:
     def url(self) -> str:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
+
+    def admin_url(self) -> str:
+        """The admin page's base URL (the server must run with ``admin=``)."""
+        assert self.server.admin is not None, "started without admin="
+        return self.server.admin.url
 
 
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -171,13 +178,17 @@ def recv_all(sock: socket.socket) -> bytes:
 
 @contextlib.contextmanager
 def running_server(tmp_path: Path, tls: bool = True, registry: Registry | None = None,
+                   port: int = 0, admin: AdminConfig | None = None,
                    **limits: Any) -> Iterator[ServerThread]:
-    """A server on a free port with the given limits; stopped afterwards."""
+    """A server on a free port (or on ``port``, say to restart one where it was) with the
+    given limits, and with ``admin`` its admin page; stopped afterwards. Stopping it earlier
+    with ``stop()`` is fine."""
     config = ServerConfig(
-        host="127.0.0.1", port=0,
+        host="127.0.0.1", port=port,
         tls=make_certificate(tmp_path) if tls else None,
         registry_url="memory://",
         limits=replace(Limits(), **limits),
+        admin=admin,
     )
     thread = ServerThread(config, registry)
     try:

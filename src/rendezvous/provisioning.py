@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rendezvous.errors import ProvisioningError
+from rendezvous.errors import ProvisioningError, RendezvousError
 from rendezvous.registry.base import DEFAULT_DIGITS, DEFAULT_STEP, Entry
+from rendezvous.tls import CERT_FILE, cert_names, default_names, is_self_signed, read_cert_pem
 
 # TOTP codes shorter than 6 digits are refused by the relay (PROTOCOL.md §1); RFC 4226 stops at 8.
 MIN_DIGITS, MAX_DIGITS = 6, 8
@@ -170,3 +173,47 @@ def _check_base32(secret: str) -> None:
         base64.b32decode(padded, casefold=True)
     except (binascii.Error, ValueError):
         raise ProvisioningError("authParams.base32 is not a base32 secret") from None
+
+
+# Where the relay is, as a provisioning file says it (shared by `users add` and the admin page) --
+
+
+def default_server_host(cert_file: Path) -> str:
+    """The host name hidden servers should use: the first name in ``cert_file`` that
+    ``ensure_self_signed`` did not add by itself.
+
+    Those are the --public-host names given to ``serve`` (or a public certificate's names), the
+    ones clients use; without any, this machine's fully qualified name.
+    """
+    automatic = {name.lower() for name in default_names()}
+    with contextlib.suppress(OSError, RendezvousError):
+        for name in cert_names(cert_file.read_bytes()):
+            if name.lower() not in automatic:
+                return name
+    return socket.getfqdn()
+
+
+def self_signed_pem(cert_file: Path) -> str | None:
+    """The certificate PEM of ``cert_file`` when it is self-signed (hidden servers must then
+    trust exactly it), else None (it chains to a CA they already trust, or is missing)."""
+    if cert_file.is_file() and is_self_signed(cert_file.read_bytes()):
+        return read_cert_pem(cert_file)
+    return None
+
+
+def relay_ca(
+    data_dir: Path, ca_file: Path | None = None, *, no_ca: bool = False
+) -> tuple[str | None, str]:
+    """The PEM for ``server.ca`` and a few words on where it came from.
+
+    ``ca_file`` wins; else DATA_DIR/cert.pem when it is self-signed; else none.
+    """
+    if no_ca:
+        return None, "none"
+    if ca_file is not None:
+        return read_cert_pem(ca_file), str(ca_file)
+    own = data_dir / CERT_FILE
+    pem = self_signed_pem(own)
+    if pem is not None:
+        return pem, f"{own} (self-signed)"
+    return None, "none (the relay's certificate must chain to a public CA)"

@@ -610,7 +610,8 @@ class Connection(asyncio.Protocol):
     def _note_rejection(self, reason: str, status: int | None) -> None:
         stats = self.hub.stats
         peer = self._peer_text()
-        stats.rejections[reason] += 1
+        # Count by kind ("malformed request head"), not by detail, so the counter stays small.
+        stats.rejections[reason.partition(": ")[0]] += 1
         stats.recent_rejections.append(Rejection(time.time(), reason, status, self.uuid, peer))
         logs.event("rejected", reason=reason, status=status or "-", id=self.uuid or "-",
                    peer=peer)

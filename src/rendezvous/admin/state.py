@@ -1,0 +1,50 @@
+"""What every view of the admin application shares: its settings, registry and relay."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import jinja2
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from rendezvous.config import DEFAULT_PORT, AdminConfig
+from rendezvous.registry import Registry
+
+if TYPE_CHECKING:
+    from rendezvous.admin.status import StatusSampler
+    from rendezvous.server.hub import Hub
+
+
+@dataclass(eq=False)
+class AdminState:
+    """The admin application's shared state (one per application, on its event loop)."""
+
+    config: AdminConfig
+    registry: Registry
+    templates: jinja2.Environment
+    metrics: CollectorRegistry
+    hub: Hub | None = None  # None: no relay in this process (``rendezvous admin``)
+    relay_up: Callable[[], bool] | None = None  # whether the relay's listener accepts
+    relay_port: int | None = None  # the relay's bound port, for provisioning files
+    status: StatusSampler | None = None
+    registry_errors: int = 0  # failed registry calls made by the admin page itself
+    # Serialises password checks, so failed guesses cost one LOGIN_FAILURE_DELAY each, in all.
+    login_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def auth_required(self) -> bool:
+        """Whether every page needs a logged-in session (a password is set)."""
+        return self.config.password is not None
+
+    def relay_address(self) -> tuple[str, int, str | None]:
+        """Host, port and CA PEM that provisioning files give hidden servers."""
+        relay = self.config.relay
+        port = relay.port or self.relay_port or DEFAULT_PORT
+        return relay.host, port, relay.ca_pem
+
+
+STATE: web.AppKey[AdminState] = web.AppKey("rendezvous_admin_state", AdminState)
