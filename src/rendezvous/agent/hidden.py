@@ -62,9 +62,8 @@ DEFAULT_GRACE = 10.0
 READ_CHUNK = 256 * 1024
 # TCP connect, TLS handshake and the relay's answer to our CONNECT, together.
 CONNECT_TIMEOUT = 15.0
-# A peer that never answers our TLS close_notify does not keep a closed link's socket.
-SSL_SHUTDOWN_TIMEOUT = 5.0
-# Bound on waiting for a writer to finish closing (a flush, the close_notify exchange).
+# Bound on waiting for a writer to finish closing (a flush, the close_notify exchange); past
+# it the connection is cut, so a peer that never answers our close_notify holds nothing.
 CLOSE_TIMEOUT = 5.0
 # The relay's error bodies are under 200 bytes; what follows a refusal is read this far, this long.
 MAX_ERROR_BODY = 4096
@@ -445,16 +444,18 @@ class HiddenAgent:
         prov = self.provisioning
         reader = _LinkReader(loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        transport: asyncio.Transport | None = None
+        writer: _CountingWriter | None = None
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                transport, _ = await loop.create_connection(
-                    lambda: protocol, self.host, self.port, ssl=self._ssl,
-                    server_hostname=self.host, ssl_handshake_timeout=CONNECT_TIMEOUT,
-                    ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT)
+                # TCP first, then TLS over it: cancelling create_connection(ssl=...) mid-way
+                # can leak its socket in Python 3.11's asyncio; a cancelled start_tls closes it.
+                transport, _ = await loop.create_connection(lambda: protocol, self.host, self.port)
+                writer = _CountingWriter(transport, protocol, reader, loop)
+                await writer.start_tls(self._ssl, server_hostname=self.host,
+                                       ssl_handshake_timeout=CONNECT_TIMEOUT)
                 token = current_token(prov.base32, prov.step, prov.digits)
-                transport.write(f"CONNECT uuid:{prov.uuid}?response={token} HTTP/1.1\r\n\r\n"
-                                .encode("latin-1"))
+                writer.transport.write(
+                    f"CONNECT uuid:{prov.uuid}?response={token} HTTP/1.1\r\n\r\n".encode("latin-1"))
                 # Exactly the answer head: whatever follows it is the pairing's.
                 head = await reader.readuntil(_HEAD_END)
                 status, retry_after = _parse_answer(head)
@@ -462,13 +463,12 @@ class HiddenAgent:
                     body = await _read_error_body(reader)
                     raise _refusal(status, _diagnostic(body), retry_after)
         except BaseException as exc:
-            if transport is not None:
-                transport.abort()
+            if writer is not None:
+                writer.transport.abort()
             if isinstance(exc, Exception):
                 raise _park_failure(exc, self.relay) from exc
             raise  # cancelled
-        _enable_keepalive(transport)
-        writer = _CountingWriter(transport, protocol, reader, loop)
+        _enable_keepalive(writer.transport)
         link = _Link(self, slot, reader, writer, consumed=len(head))
         self._links.add(link)
         logs.event("parked", id=prov.uuid, slot=slot, parked=len(self._links))

@@ -1,0 +1,186 @@
+"""Helpers for the hidden-agent tests: a provisioning file for a harness relay, a local HTTP
+service in a thread (the thing the agent forwards to), and the agent as a real process.
+
+(A module of its own rather than a conftest.py: ``tests/conftest.py`` already owns the name
+``conftest`` on the import path.)"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from harness import ServerThread
+
+from rendezvous.provisioning import provisioning_document, write_provisioning
+from rendezvous.registry import Entry
+
+# A cold interpreter start (uvloop, the agent) on a loaded 2-core machine.
+START_TIMEOUT = 20.0
+BIG = 50 << 20  # bytes of the bulk transfers
+
+
+@functools.cache
+def payload(size: int = BIG) -> bytes:
+    """Deterministic bytes for downloads (built once per size)."""
+    return random.Random(size).randbytes(size)
+
+
+def write_provisioning_for(server: ServerThread, entry: Entry, path: Path,
+                           base32: str | None = None) -> Path:
+    """The §5 file for ``entry`` on the harness relay (127.0.0.1, its port, its certificate);
+    ``base32`` puts another secret in it."""
+    assert server.tls is not None
+    doc = provisioning_document(entry, "127.0.0.1", server.port,
+                                server.tls.cert_file.read_text())
+    if base32 is not None:
+        doc["authParams"]["base32"] = base32
+    write_provisioning(doc, path)
+    return path
+
+
+# The local service ----------------------------------------------------------------------------
+
+
+class _LocalHandler(BaseHTTPRequestHandler):
+    """``GET /hello``: JSON of the request; ``GET /sleep/S``: the same after S seconds;
+    ``GET /download/N``: N bytes of :func:`payload`; ``POST /upload``: length and sha256."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # an idle keep-alive connection does not hold its thread for ever
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _json(self, document: Any) -> None:
+        body = json.dumps(document).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"method": self.command, "path": self.path,
+                "headers": [[k, v] for k, v in self.headers.items()]}
+
+    def do_GET(self) -> None:
+        self.server.service.requests += 1
+        sleep = re.fullmatch(r"/sleep/([\d.]+)", self.path)
+        download = re.fullmatch(r"/download/(\d+)", self.path)
+        if sleep:
+            self.server.service.sleeping.set()
+            time.sleep(float(sleep.group(1)))
+            self._json(self._describe())
+        elif download:
+            data = memoryview(payload(int(download.group(1))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            for start in range(0, len(data), 1 << 20):
+                self.wfile.write(data[start:start + (1 << 20)])
+        else:
+            self._json(self._describe())
+
+    def do_POST(self) -> None:
+        self.server.service.requests += 1
+        left = int(self.headers.get("Content-Length") or 0)
+        digest = hashlib.sha256()
+        length = 0
+        while left:
+            chunk = self.rfile.read(min(left, 1 << 20))
+            if not chunk:
+                raise ConnectionError("body cut short")
+            digest.update(chunk)
+            length += len(chunk)
+            left -= len(chunk)
+        self._json({"length": length, "sha256": digest.hexdigest()})
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    service: LocalHTTP
+
+
+class LocalHTTP:
+    """A stdlib HTTP server on 127.0.0.1 in a thread; ``stop()`` and ``start()`` again on the
+    same port (a local service going away and coming back)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.requests = 0
+        self.sleeping = threading.Event()  # a /sleep request has begun
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        server = _Server(("127.0.0.1", self.port), _LocalHandler)
+        server.service = self
+        self.port = server.server_address[1]
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, daemon=True,
+                                        kwargs={"poll_interval": 0.05})
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        assert self._thread is not None
+        self._thread.join(5)
+        self._server = self._thread = None
+
+
+# The agent as a process -----------------------------------------------------------------------
+
+
+class AgentProcess:
+    """``python -m rendezvous hidden ...``, its stderr in a file."""
+
+    def __init__(self, log: Path, args: list[str]) -> None:
+        self.log = log
+        with log.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rendezvous", "hidden", *args],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_log(self, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited ({self.proc.returncode}):\n{self.text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {needle!r} in the agent's log:\n{self.text()}")
+            time.sleep(0.05)
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then the exit status (killing it if it ignores the signal)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"agent ignored SIGTERM for {timeout} s:\n{self.text()}") \
+                from None
+
