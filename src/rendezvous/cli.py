@@ -1298,8 +1298,10 @@ def _add_hidden(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument(
         "--server",
         metavar="HOST[:PORT]",
+        action="append",
         help=f"reach the relay here instead of at the provisioning file's address (port "
-        f"default: {DEFAULT_PORT})",
+        f"default: {DEFAULT_PORT}); repeat it for the nodes of a cluster: after a network "
+        "failure the agent tries the next",
     )
     p.add_argument(
         "--pool",
@@ -1393,8 +1395,8 @@ def _address(text: str, flag: str, parse: Callable[[str], tuple[str, int]]) -> t
 
 def _hidden(args: argparse.Namespace) -> int:
     forward = _address(args.forward, "--forward", _host_port("127.0.0.1", None))
-    server = (_address(args.server, "--server", _host_port(None, DEFAULT_PORT))
-              if args.server is not None else None)
+    server = ([_address(text, "--server", _host_port(None, DEFAULT_PORT)) for text in args.server]
+              if args.server else None)
     from rendezvous import logs
     from rendezvous.agent.hidden import HiddenAgent, forward_to, serve_until_signalled
     from rendezvous.provisioning import load_provisioning

@@ -7,6 +7,7 @@ and mobile clients come in through the others.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -27,11 +28,13 @@ import redis
 import websockets.sync.client
 from conftest import flush_redis
 from harness import PARKED, HiddenHTTPService, make_certificate, recv_exactly
+from hidden_support import AgentProcess, LocalHTTP
 from support import free_port, stop_process, tail, wait_for_port
 from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
 from rendezvous.protocol.totp import current_token
+from rendezvous.provisioning import provisioning_document, write_provisioning
 from rendezvous.registry import Entry, new_secret
 
 CLUSTER_KEY = "test-cluster-key-0123456789"
@@ -206,32 +209,48 @@ def test_wrong_cluster_key_cannot_join_the_conversation(nodes: dict[str, Node]) 
 
 
 def test_a_dead_node_is_forgotten_and_its_hidden_servers_repark_elsewhere(
-        nodes: dict[str, Node], redis_url: str) -> None:
+        nodes: dict[str, Node], redis_url: str, tmp_path: Path) -> None:
     entry = add_entry(redis_url)
     a, b, c = nodes["A"], nodes["B"], nodes["C"]
-    hidden = a.park(entry)
-    a.wait_parked(entry.uuid, 1)
-    active = b.connect()
-    active.sendall(f"GET /long HTTP/1.1\r\nAuthorization: Basic "
-                   f"{base64.b64encode(f'{entry.uuid}:x'.encode()).decode()}\r\n\r\n".encode())
-    assert hidden.recv(100).startswith(b"GET /long")  # paired through A
-    assert a.proc is not None
-    a.proc.send_signal(signal.SIGKILL)
-    a.proc.wait(5)
-    active.settimeout(5)
-    assert active.recv(100) == b""  # the pairing through A ends
-    active.close()
-    hidden.close()
-    # Until A's heartbeat expires B may still try A (and fall back); after it, nobody routes
-    # there: a client for an ID parked nowhere gets its 404 without a failed forward.
-    time.sleep(TTL + 0.5)
-    mark = len(b.log.read_text())
-    with digest_client(b, entry) as client:
-        assert client.get("/nobody-parked").status_code == 404
-    assert "forward failed" not in b.log.read_text()[mark:]
-    # The hidden server re-parks on C; clients through B reach it again.
-    with HiddenHTTPService(c, entry, parked=1), digest_client(b, entry) as client:  # type: ignore[arg-type]
-        assert client.get("/again").json()["path"] == "/again"
+    config = tmp_path / "hub.json"
+    write_provisioning(provisioning_document(entry, "127.0.0.1", a.port, a.cert.read_text()),
+                       config)
+    local = LocalHTTP()
+    local.start()
+    agent = AgentProcess(tmp_path / "agent.log", [
+        "--config", str(config), "--forward", local.address, "--pool", "2",
+        "--server", f"127.0.0.1:{a.port}", "--server", f"127.0.0.1:{c.port}",
+        "--backoff-cap", "1"])
+    try:
+        a.wait_parked(entry.uuid, 2)
+        with digest_client(b, entry) as client:
+            assert client.get("/before").status_code == 200  # through B to A
+        # An active pairing through A, cut when A dies.
+        active = b.connect()
+        active.sendall(f"GET /sleep/3 HTTP/1.1\r\nAuthorization: Basic "
+                       f"{base64.b64encode(f'{entry.uuid}:x'.encode()).decode()}\r\n\r\n"
+                       .encode())
+        assert local.sleeping.wait(5)
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait(5)
+        active.settimeout(5)
+        with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+            assert not active.recv(100).startswith(b"HTTP/1.1 200")
+        active.close()
+        # The agent moves on to C by itself; clients through B are served again.
+        c.wait_parked(entry.uuid, 2, timeout=15)
+        with digest_client(b, entry) as client:
+            assert client.get("/after").status_code == 200
+        # After A's heartbeat has expired nobody routes to it any more.
+        time.sleep(TTL + 0.5)
+        mark = len(b.log.read_text())
+        with digest_client(b, entry) as client:
+            assert client.get("/later").status_code == 200
+        assert "node=A" not in b.log.read_text()[mark:]
+    finally:
+        assert agent.terminate() == 0
+        local.stop()
 
 
 def test_client_waiting_on_b_is_served_when_the_hidden_server_parks_on_a_later(

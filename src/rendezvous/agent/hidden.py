@@ -261,7 +261,7 @@ class HiddenAgent:
         *,
         handler: Handler,
         pool: int = DEFAULT_POOL,
-        server: tuple[str, int] | None = None,
+        server: tuple[str, int] | list[tuple[str, int]] | None = None,
         max_park_age: float = DEFAULT_MAX_PARK_AGE,
         backoff_cap: float = DEFAULT_BACKOFF_CAP,
         auth_retry: float = DEFAULT_AUTH_RETRY,
@@ -277,8 +277,14 @@ class HiddenAgent:
         self.provisioning = provisioning
         self.handler = handler
         self.pool = pool
-        self.host, self.port = server if server is not None else (
-            provisioning.host, provisioning.port)
+        # Several relays (nodes of one cluster): a network failure moves on to the next.
+        if server is None:
+            self.servers = [(provisioning.host, provisioning.port)]
+        elif isinstance(server, tuple):
+            self.servers = [server]
+        else:
+            self.servers = list(server) or [(provisioning.host, provisioning.port)]
+        self._server_index = 0
         self.max_park_age = max_park_age
         self.backoff_cap = backoff_cap
         self.auth_retry = auth_retry
@@ -303,6 +309,16 @@ class HiddenAgent:
         self._stopping = False
         self._hurry = asyncio.Event()  # a second stop(): cut pairings now
         self._stopped = asyncio.Event()
+
+    @property
+    def host(self) -> str:
+        """The relay's host this agent parks at now."""
+        return self.servers[self._server_index][0]
+
+    @property
+    def port(self) -> int:
+        """The relay's port this agent parks at now."""
+        return self.servers[self._server_index][1]
 
     @property
     def relay(self) -> str:
@@ -436,6 +452,9 @@ class HiddenAgent:
             delay = random.uniform(0, ceiling)  # full jitter
             logs.event("park failed", level=logging.WARNING, id=self.provisioning.uuid,
                        reason=failure.reason, retry_in=f"{delay:.1f}s")
+            if len(self.servers) > 1:
+                self._server_index = (self._server_index + 1) % len(self.servers)
+                logs.event("switching relay", id=self.provisioning.uuid, relay=self.relay)
         gate.not_before = max(gate.not_before, self._loop_time() + delay)
 
     async def _park(self, slot: int) -> _Link:
