@@ -137,6 +137,7 @@ class RendezvousServer:
             member, hub.cluster = hub.cluster, None
             await member.close()  # first, so other nodes stop sending us clients
         if hub is not None:
+            hub.closing = True
             hub.stop_sweeping()
             hub.close_parked()
             deadline = hub.loop.time() + grace

@@ -142,6 +142,10 @@ class Connection(asyncio.Protocol):
             return
         address = self.address
         hub.per_address[address] += 1
+        if hub.closing:  # finished its handshake after the shutdown began
+            self.state = CLOSED
+            self.transport.abort()
+            return
         if hub.open_connections > hub.limits.max_connections:
             self._reject("too many connections", responses.status_only(503), status=503)
             return

@@ -120,6 +120,7 @@ class Hub:
         self.pools: dict[str, deque[Connection]] = {}
         self.waiting: dict[str, deque[Connection]] = {}
         self.connections: set[Connection] = set()  # every open one, to cut them at shutdown
+        self.closing = False  # shutting down: connections that arrive now are cut
         self.per_address: Counter[str] = Counter()  # open connections by source address
         self.guesses = GuessLimiter(limits.guesses)
         # Digest nonces; nodes of a cluster share the key so any node checks any nonce.
