@@ -1,0 +1,93 @@
+"""The benchmark suite (bench/) end to end, on its smallest counts.
+
+It runs ``python -m bench.run --tiny`` exactly as a person would (our relay and haproxy as real
+subprocesses, the bench's agents as more) and checks that the results file holds every figure for
+both relays with a positive value. No timing thresholds: this machine's speed is not under test
+here, the suite is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 110.0  # the tiny run takes under 30 s; this bounds a broken one
+
+CYCLE_FIGURES = ("rate", "p50", "p99", "cpu")
+BULK_FIGURES = {f"{figure}.{what}" for figure in ("down", "up", "both", "4pairings")
+                for what in ("mbs", "cpu")}
+TINY_PARKED = (100, 300)  # bench.run's SCALES["tiny"].parked
+
+
+def haproxy_installed() -> bool:
+    return shutil.which("haproxy") is not None or Path("/usr/sbin/haproxy").exists()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    if not haproxy_installed():
+        pytest.skip("haproxy is not installed (scripts/test installs it)")
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--tiny", "--no-profile", "--no-chart",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "ours/hap" in proc.stdout  # the printed table
+    loaded: dict[str, object] = json.loads((out / "latest.json").read_text())
+    return loaded
+
+
+def test_every_figure_is_there(results: dict[str, object]) -> None:
+    rows = results["rows"]
+    assert isinstance(rows, list)
+    keys = {row["key"] for row in rows}
+    expected = {"parked.latency0.p50", "parked.latencytop.p50"}
+    for mode in ("tls", "plain"):
+        for concurrency in (1, 50):
+            expected |= {f"{mode}.cycles.c{concurrency}.{what}" for what in CYCLE_FIGURES}
+        expected |= {f"{mode}.bulk.{figure}" for figure in BULK_FIGURES}
+    for level in TINY_PARKED:
+        expected |= {f"parked.{level}.{what}" for what in ("rss", "fds", "total")}
+    assert expected <= keys, sorted(expected - keys)
+
+
+def test_every_figure_is_positive_for_both_relays(results: dict[str, object]) -> None:
+    rows = results["rows"]
+    assert isinstance(rows, list)
+    for row in rows:
+        assert row["ours"] > 0, row
+        assert row["haproxy"] > 0, row
+        assert row["ratio"] > 0, row
+
+
+def test_every_target_has_a_verdict(results: dict[str, object]) -> None:
+    targets = results["targets"]
+    assert isinstance(targets, list)
+    names = " | ".join(t["name"] for t in targets)
+    for needle in ("tls bulk", "plain bulk", "50 concurrent", "sequential", "RSS",
+                   "descriptors", "pairing p50"):
+        assert needle in names
+    for target in targets:
+        assert isinstance(target["passed"], bool)
+        assert target["measured"] > 0, target
+
+
+def test_the_runs_were_clean(results: dict[str, object]) -> None:
+    """No figure lost a transfer or a cycle (a bench or relay bug, not slowness)."""
+    details = results["details"]
+    assert isinstance(details, dict)
+    for mode in ("tls", "plain"):
+        for by_system in details[mode]["cycles"].values():
+            for system, figure in by_system.items():
+                assert figure["errors"] == 0, (mode, system, figure["error_samples"])
+        for by_system in details[mode]["bulk"].values():
+            for system, figure in by_system.items():
+                assert figure["errors"] == 0, (mode, system, figure)
