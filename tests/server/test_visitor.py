@@ -102,7 +102,7 @@ def test_requests_with_the_right_password_is_paired(server: ServerThread) -> Non
         assert wrong.status_code == 401
         assert 'algorithm=SHA-256' in wrong.headers["WWW-Authenticate"]
         assert service.pairings == 1  # the stranger never reached it
-    assert server.parked(entry.uuid) == 0
+    server.wait_parked(entry.uuid, 0)  # the service closed its parked connection
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
