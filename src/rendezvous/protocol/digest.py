@@ -13,7 +13,6 @@ nonce count higher than any seen before with that nonce (replay protection).
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import secrets
@@ -107,7 +106,7 @@ def verify(authorization: bytes, method: str, uuid: str, secret: VisitorSecret,
     if scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(rest.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError):  # binascii.Error, or non-ASCII input
             return "invalid"
         user, _, password = decoded.partition(":")
         expected = VisitorSecret.from_password(uuid, password).md5
@@ -116,7 +115,7 @@ def verify(authorization: bytes, method: str, uuid: str, secret: VisitorSecret,
         return "invalid"
     try:
         fields = parse_keqv_list(parse_http_list(rest))
-    except ValueError:
+    except (ValueError, IndexError):
         return "invalid"
     algorithm = fields.get("algorithm", "MD5").upper()
     required = ("username", "realm", "nonce", "uri", "response", "qop", "nc", "cnonce")

@@ -140,10 +140,14 @@ def parse_head(data: bytes, max_headers: int) -> RequestHead:
         raise MalformedHead(f"malformed request head: {exc}") from exc
     if not collector.complete:
         raise MalformedHead("malformed request head")
+    version = parser.get_http_version()
+    # llhttp also takes HTTP/0.9-style lines (no version) and "HTTP/2.0": not ours to relay.
+    if version not in ("1.0", "1.1") or not collector.url:
+        raise MalformedHead(f"unsupported request line (HTTP/{version or '0.9'})")
     return RequestHead(
         method=parser.get_method().decode("latin-1"),
         target=collector.url.decode("latin-1"),
-        version=parser.get_http_version(),
+        version=version,
         headers=tuple(collector.headers),
         keep_alive=bool(parser.should_keep_alive()),
     )

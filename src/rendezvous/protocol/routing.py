@@ -6,9 +6,8 @@ Diagnostics and status codes are node-rendezvous's, to the byte (PROTOCOL.md §1
 from __future__ import annotations
 
 import base64
-import binascii
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 from urllib.request import parse_http_list, parse_keqv_list
 
 from rendezvous.protocol.head import RequestHead
@@ -66,7 +65,8 @@ def route(head: RequestHead) -> Decision:
             return Refuse(400, DIAG_BAD_AUTH, permanent=True)
         return Pair(uuid)
     if head.is_upgrade:
-        uuid = _query_value(urlsplit(head.target).query, "rendezvous")
+        # The query alone: a full URL parse would raise on a malformed authority.
+        uuid = _query_value(head.target.partition("?")[2].partition("#")[0], "rendezvous")
         if uuid:
             return Pair(uuid)
     return Challenge()
@@ -98,14 +98,14 @@ def authorization_username(value: bytes) -> str | None:
     if scheme == "digest":
         try:
             fields = parse_keqv_list(parse_http_list(rest))
-        except ValueError:
+        except (ValueError, IndexError):  # e.g. 'username=' with no value at all
             return None
         username = fields.get("username")
         return username or None
     if scheme == "basic":
         try:
             decoded = base64.b64decode(rest.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError):  # binascii.Error, or non-ASCII input
             return None
         username, colon, _ = decoded.partition(":")
         return username if colon and username else None

@@ -70,6 +70,13 @@ FORWARD_RETRY_MAX = 0.25
 # stop reading until the pairing starts (the bytes then flow with back-pressure).
 WAITING_BUFFER_LIMIT = 256 * 1024
 
+# A relaying leg being closed gets this long to flush to its peer before it is cut.
+CLOSE_GRACE = 5.0  # the same as the listener's TLS shutdown timeout
+
+# How often a leg whose reader has stopped reading is checked for a silent close.
+STALL_CHECK = 0.5
+TCP_CLOSE_WAIT = b"\x08"  # the first byte of Linux's struct tcp_info: tcpi_state
+
 # Keepalive probes on parked connections: notice a dead NAT mapping within ~2 minutes.
 KEEPALIVE_IDLE = 60
 KEEPALIVE_INTERVAL = 20
@@ -171,15 +178,18 @@ class Connection(asyncio.Protocol):
             if peer.eof or peer.state == CLOSED:
                 # Both directions are done. Close without leaving RELAYING: connection_lost
                 # must still account for the pair.
-                self.transport.close()
+                self._close_leg()
                 return None
             if peer.transport.can_write_eof():
                 peer.transport.write_eof()
             else:
                 # TLS transports cannot half-close: flush what we sent and close.
-                peer.transport.close()
-            # Plain TCP: keep reading the other direction. (TLS ignores this and closes.)
-            return not self.tls
+                peer._close_leg()
+            if self.tls:
+                # asyncio's TLS closes this leg itself now; make sure that close ends.
+                self._watch_close()
+                return False
+            return True  # plain TCP: keep reading the other direction
         if self.state in (WAITING, SETTLING) and not self.tls:
             return True  # half-closed after its request: the EOF is passed on once paired
         self._close()
@@ -232,6 +242,7 @@ class Connection(asyncio.Protocol):
         peer = self.peer
         if self.state == RELAYING and peer is not None:
             peer.transport.pause_reading()
+            self._check_stalled()
         elif self.state == HEAD:
             self.transport.pause_reading()  # a client pipelining requests it won't read
 
@@ -561,17 +572,53 @@ class Connection(asyncio.Protocol):
             if other.transport.can_write_eof():
                 other.transport.write_eof()
             else:
-                other.transport.close()
+                other._close_leg()
         return latency
 
     # Relaying ------------------------------------------------------------------------------
+
+    def _check_stalled(self) -> None:
+        """While our peer's bytes wait for this leg to read them, look now and then whether
+        the leg is being closed under us: a TLS peer that sent a FIN without reading makes
+        uvloop close the leg silently, and that close waits on the queued bytes for ever."""
+        if self.state != RELAYING or not self.writing_paused or self.timer is not None:
+            return
+        if self.tls and _peer_sent_fin(self.transport):
+            # It will never read what is queued: nothing is lost by cutting it now.
+            logs.event("peer left without reading", id=self.uuid, peer=self._peer_text())
+            self.transport.abort()
+        elif self.transport.is_closing():
+            self._watch_close()
+        else:
+            self.timer = self.hub.loop.call_later(STALL_CHECK, self._recheck_stalled)
+
+    def _recheck_stalled(self) -> None:
+        self.timer = None
+        self._check_stalled()
+
+    def _close_leg(self) -> None:
+        """Close a relaying leg after it flushes what is queued for it, bounded in time."""
+        self.transport.close()
+        self._watch_close()
+
+    def _watch_close(self) -> None:
+        # A TLS close waits for its queued bytes to drain; a peer that reads nothing (and may
+        # have sent a FIN) would hold it, and the whole pair, forever. Cut it after a grace.
+        if self.timer is None:
+            self.timer = self.hub.loop.call_later(CLOSE_GRACE, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        self.timer = None
+        if self.state != CLOSED:
+            logs.event("close timed out", id=self.uuid or "-", peer=self._peer_text())
+            self.transport.abort()
 
     def _relay_leg_lost(self) -> None:
         """One leg is gone: close the other (after it flushes), log the pair once both are."""
         peer = self.peer
         assert peer is not None
         if peer.state != CLOSED:
-            peer.transport.close()
+            peer._close_leg()
             return
         hub = self.hub
         mobile, hidden = (self, peer) if self.head is not None else (peer, self)
@@ -635,3 +682,14 @@ class Connection(asyncio.Protocol):
             return "-"
         host, port = self.peername
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _peer_sent_fin(transport: asyncio.Transport) -> bool:
+    """Whether the kernel has the peer's FIN for this socket (TCP state CLOSE_WAIT)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return False
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) == TCP_CLOSE_WAIT)
+    except OSError:
+        return False

@@ -1,0 +1,42 @@
+"""The soak script's short form (bench/soak.py --quick): a relay subprocess under verified
+pairings with injected faults, token guessers and slow peers, for about 20 seconds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOAK = ROOT / "bench" / "soak.py"
+
+
+@pytest.mark.timeout(90)
+def test_quick_soak_passes_with_every_good_pairing_verified(tmp_path: Path) -> None:
+    report_path = tmp_path / "soak.json"
+    result = subprocess.run(
+        [sys.executable, str(SOAK), "--quick", "--json", str(report_path)],
+        capture_output=True, text=True, timeout=80, check=False, cwd=ROOT)
+    summary = result.stdout.split("\n{", 1)[0]
+    assert result.returncode == 0, f"{summary}\n{result.stderr[-3000:]}"
+    report = json.loads(report_path.read_text())
+    assert report["ok"], report["failures"]
+    pairings = report["pairings"]
+    assert pairings["good_completed"] > 0
+    assert pairings["good_completed"] == pairings["good_started"]
+    assert pairings["good_failed"] == 0 and pairings["all_good_verified"]
+    assert pairings["bytes_verified"] > 0
+    assert report["unexpected_errors"] == {}
+    attackers = report["attackers"]
+    assert attackers["successes"] == 0
+    assert attackers["guesses"] > 0 and attackers["429s"] > 0  # the limiter answered
+    assert attackers["slow_cut_by_relay"] > 0
+    assert sum(report["faults_expected_outcomes"].values()) > 0
+    relay = report["relay"]
+    assert relay["exit_code"] == 0
+    assert relay["log"]["error_lines"] == 0
+    assert relay["fds"]["end"] <= relay["fds"]["allowed"]
+    assert report["elapsed_s"] < 40
