@@ -447,8 +447,9 @@ def test_a_fin_from_a_non_reader_while_the_peer_floods_ends_the_pair(
         mobile, hidden, _ = pair(r.server, r.entry)
         writer, quitter = (hidden, mobile) if flooder == "hidden" else (mobile, hidden)
         try:
-            flood = Flood(writer, 64 * MiB)
-            flood.wait_blocked()  # the relay holds bytes for the quitter, which reads nothing
+            flood = Flood(writer, 128 * MiB)  # more than loopback's kernel buffers hold
+            blocked_at = flood.wait_blocked()  # the relay holds bytes for the quitter
+            assert blocked_at < flood.total, "the flood never blocked"
             tcp_fin(quitter)
             wait_for_baseline(r.server, replace(r.baseline, fds=r.baseline.fds + 2,
                                                 tasks=r.baseline.tasks),
