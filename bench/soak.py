@@ -896,7 +896,8 @@ class Soak:
         for task in parkers:
             task.cancel()
         await asyncio.wait(parkers, timeout=10)
-        stuck = [t for t in self.tasks if not t.done() and getattr(t.get_coro(), "__name__", "") != "sample"]
+        stuck = [t for t in self.tasks
+                 if not t.done() and getattr(t.get_coro(), "__name__", "") != "sample"]
         if stuck:
             self.results.fail("driver tasks still running at the end", str(len(stuck)))
             for task in stuck:

@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler
@@ -413,3 +413,18 @@ class HiddenHTTPService:
             if readable:
                 return True
         return False
+
+
+def run_in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``target`` in a daemon thread; the list gets its result or its exception."""
+    outcome: list[Any] = []
+
+    def wrapper() -> None:
+        try:
+            outcome.append(target())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=wrapper, daemon=True)
+    thread.start()
+    return thread, outcome

@@ -15,7 +15,6 @@ import os
 import socket
 import ssl
 import struct
-import sysconfig
 import threading
 import time
 import traceback
@@ -26,21 +25,16 @@ from typing import Any
 
 from harness import ServerThread, recv_exactly, recv_until
 
-from rendezvous.protocol.head import RequestHead, parse_head
-from rendezvous.protocol.routing import route
 from rendezvous.registry import Entry
 
 HEAD_END = b"\r\n\r\n"
 MiB = 1 << 20
 
 
-# Known server bug: route() lets a stdlib parser's exception escape -------------------------
+# Heads that once crashed route() ------------------------------------------------------------
 
-# Inputs on which route() raised instead of deciding when these tests were written (see the
-# xfail tests in tests/fuzz/test_head_properties.py). While any of them still raises, an escape
-# of *that kind* (raised inside urllib / base64, called from routing.py) is tolerated by the broad
-# property tests so they keep hunting for other bugs; once all are fixed, tolerance switches off
-# by itself and every escape fails.
+# route() let the standard library's parsers' exceptions escape on these (found by the tests in
+# tests/fuzz/ and by fuzz/fuzz_head.py; fixed in 640cfa7): kept as regression inputs.
 KNOWN_ROUTE_CRASHERS = (
     b"GET / HTTP/1.1\r\nAuthorization: Digest username=\r\n\r\n",  # IndexError
     b"GET / HTTP/1.1\r\nAuthorization: Basic \xe9\xe9\xe9\xe9\r\n\r\n",  # ValueError
@@ -49,42 +43,6 @@ KNOWN_ROUTE_CRASHERS = (
 )
 KNOWN_ROUTE_CRASHER_IDS = ["digest-empty-value", "basic-non-ascii", "upgrade-bad-ipv6",
                            "upgrade-bracketed-host"]
-_STDLIB = sysconfig.get_paths()["stdlib"].replace(os.sep, "/") + "/"
-
-
-def _still_crashes(raw: bytes) -> bool:
-    try:
-        route(parse_head(raw, 100))
-    except Exception:
-        return True
-    return False
-
-
-ROUTE_BUG_OPEN = any(_still_crashes(raw) for raw in KNOWN_ROUTE_CRASHERS)
-
-
-def is_known_route_escape(exc: BaseException) -> bool:
-    """Whether ``exc`` is the known bug: raised inside the standard library (urllib, base64,
-    ipaddress) called from routing.py. Always False once the bug is fixed (``ROUTE_BUG_OPEN``).
-    """
-    if not ROUTE_BUG_OPEN or not isinstance(exc, ValueError | IndexError):
-        return False
-    files = [frame.filename.replace(os.sep, "/")
-             for frame in traceback.extract_tb(exc.__traceback__)]
-    last = max((i for i, name in enumerate(files)
-                if name.endswith("rendezvous/protocol/routing.py")), default=None)
-    below = files[last + 1:] if last is not None else []
-    return bool(below) and all(name.startswith(_STDLIB) for name in below)
-
-
-def route_checked(head: RequestHead) -> Any:
-    """``route(head)``; None if it raised the known, tolerated escape."""
-    try:
-        return route(head)
-    except (ValueError, IndexError) as exc:
-        if is_known_route_escape(exc):
-            return None
-        raise
 
 
 # The server loop's exception handler --------------------------------------------------------
@@ -117,13 +75,9 @@ class LoopErrors:
             found, self.contexts = self.contexts, []
         return found
 
-    def assert_none(self, tolerate_known_route_bug: bool = False) -> None:
-        """No exception reached the loop (the known route escape aside, when asked)."""
+    def assert_none(self) -> None:
+        """No exception reached the loop."""
         found = self.take()
-        if tolerate_known_route_bug:
-            found = [c for c in found
-                     if not (isinstance(c.get("exception"), BaseException)
-                             and is_known_route_escape(c["exception"]))]
         if found:
             raise AssertionError("exceptions reached the server loop:\n" + "\n".join(
                 describe(context) for context in found))

@@ -46,7 +46,14 @@ from faults.relay_checks import (
     vm_rss,
     wait_for_baseline,
 )
-from harness import PARKED, ServerThread, recv_exactly, recv_until, running_server
+from harness import (
+    PARKED,
+    ServerThread,
+    recv_exactly,
+    recv_until,
+    run_in_thread,
+    running_server,
+)
 from support import free_port, stop_process, tail, wait_for_port
 
 from rendezvous.config import GuessLimits
@@ -88,21 +95,6 @@ def relay(tmp_path: Path, registry: Registry | None = None, **limits: Any) -> It
     with running_server(tmp_path, registry=registry, **limits) as server, \
             LoopErrors(server) as errors:
         yield Relay(server, server.add_entry(), errors)
-
-
-def run_in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    """Run ``target`` in a daemon thread; the list gets its result or its exception."""
-    outcome: list[Any] = []
-
-    def wrapper() -> None:
-        try:
-            outcome.append(target())
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=wrapper, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def joined(thread: threading.Thread, outcome: list[Any], timeout: float) -> Any:

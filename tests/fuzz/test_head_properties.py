@@ -10,7 +10,6 @@ its head timeout, leaks nothing, and keeps pairing.
 from __future__ import annotations
 
 import base64
-import contextlib
 import socket
 import string
 import time
@@ -28,7 +27,6 @@ from faults.relay_checks import (
     idle_snapshot,
     read_to_close,
     reset,
-    route_checked,
     wait_for_baseline,
 )
 from harness import ServerThread, running_server
@@ -194,26 +192,10 @@ def rough_heads(draw: st.DrawFn) -> bytes:
 
 # Checks -------------------------------------------------------------------------------------
 
-# Known bug (reported): parse_head accepts request lines of HTTP/0.9 (none, or "HTTP/0.9") and
-# "HTTP/2.0" and goes on to parse header lines, though RequestHead.version is documented as "1.0"
-# or "1.1". While it stands, such heads are tolerated (and round-trip checks skip a version-less
-# line); once fixed, the tolerance goes by itself.
-def _odd_versions_accepted() -> frozenset[str]:
-    found = set()
-    for raw in (b"GET /\r\nHost: x\r\n\r\n", b"GET / HTTP/0.9\r\n\r\n",
-                b"GET / HTTP/2.0\r\n\r\n"):
-        with contextlib.suppress(HeadError):
-            found.add(parse_head(raw, 10).version)
-    return frozenset(found - {"1.0", "1.1"})
-
-
-ODD_VERSIONS = _odd_versions_accepted()
-
-
 def check_head(head: RequestHead, max_headers: int) -> None:
     """Invariants of every head parse_head returns."""
     assert head.method and head.method == head.method.upper()
-    assert head.version in ("1.0", "1.1") or head.version in ODD_VERSIONS
+    assert head.version in ("1.0", "1.1")
     assert len(head.headers) <= max_headers
     for name, value in head.headers:
         assert isinstance(name, bytes) and isinstance(value, bytes)
@@ -221,10 +203,8 @@ def check_head(head: RequestHead, max_headers: int) -> None:
 
 
 def check_route(head: RequestHead) -> None:
-    """route() decides, with a decision that fits the head (or the known escape, tolerated)."""
-    decision = route_checked(head)
-    if decision is None:
-        return
+    """route() decides, never raises, and its decision fits the head."""
+    decision = route(head)
     if isinstance(decision, Park):
         assert head.method == "CONNECT"
         assert isinstance(decision.uuid, str) and isinstance(decision.token, str)
@@ -246,8 +226,6 @@ def check_forwarded(head: RequestHead) -> None:
     assert forwarded.endswith(HEAD_END) and forwarded.count(HEAD_END) == 1
     names = [line.split(b":", 1)[0].strip().lower() for line in lines[1:] if line]
     assert b"authorization" not in names, forwarded
-    if head.version == "0.9" and head.version in ODD_VERSIONS:
-        return  # the version-less line cannot round-trip (known bug)
     again = parse_head(forwarded, MAX_HEADERS)
     assert again.header(b"authorization") is None
     kept = tuple((k, v) for k, v in head.headers if k.lower() != b"authorization")
@@ -520,7 +498,6 @@ def test_any_bytes_at_a_live_relay_get_an_error_or_a_close(
     finally:
         for sock, _, _ in sockets:
             sock.close()
-    live.errors.assert_none(tolerate_known_route_bug=True)
     wait_for_baseline(server, live.baseline)
     assert_pairing_works(server, live.entry)
     wait_for_baseline(server, live.baseline)

@@ -17,13 +17,12 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets.sync.client
-from harness import ServerThread, recv_exactly, recv_until, running_server
+from harness import ServerThread, recv_exactly, recv_until, run_in_thread, running_server
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
@@ -57,21 +56,6 @@ def pair(server: ServerThread, entry: Entry, extra: bytes = b""
     assert b"authorization" not in forwarded.lower(), forwarded
     assert isinstance(mobile, ssl.SSLSocket) and isinstance(hidden, ssl.SSLSocket)
     return mobile, hidden, rest
-
-
-def run_in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    """Run ``target`` in a thread; the list gets its result or its exception."""
-    outcome: list[Any] = []
-
-    def wrapper() -> None:
-        try:
-            outcome.append(target())
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=wrapper, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def result_of(thread: threading.Thread, outcome: list[Any], timeout: float) -> Any:
