@@ -86,6 +86,25 @@ class NonceBook:
         return "ok"
 
 
+def basic_credentials(rest: str) -> tuple[str, str] | None:
+    """(user, password) of a Basic ``Authorization`` value (after the scheme), or None if it
+    is not valid base64 of ``user:password``."""
+    try:
+        decoded = base64.b64decode(rest.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):  # binascii.Error, or non-ASCII input
+        return None
+    user, colon, password = decoded.partition(":")
+    return (user, password) if colon else None
+
+
+def digest_fields(rest: str) -> dict[str, str] | None:
+    """The ``name=value`` fields of a Digest ``Authorization`` value, or None if malformed."""
+    try:
+        return parse_keqv_list(parse_http_list(rest))
+    except (ValueError, IndexError):  # e.g. 'username=' with no value at all
+        return None
+
+
 def challenge_headers(nonces: NonceBook, stale: bool = False) -> bytes:
     """``WWW-Authenticate`` lines offering SHA-256 and MD5, for an entry with a visitor
     password (RFC 7616 §3.7: the preferred algorithm first)."""
@@ -104,18 +123,14 @@ def verify(authorization: bytes, method: str, uuid: str, secret: VisitorSecret,
     text = authorization.decode("latin-1").strip()
     scheme, _, rest = text.partition(" ")
     if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(rest.strip(), validate=True).decode("utf-8")
-        except (ValueError, UnicodeDecodeError):  # binascii.Error, or non-ASCII input
+        credentials = basic_credentials(rest)
+        if credentials is None:
             return "invalid"
-        user, _, password = decoded.partition(":")
+        user, password = credentials
         expected = VisitorSecret.from_password(uuid, password).md5
         return "ok" if user == uuid and hmac.compare_digest(expected, secret.md5) else "invalid"
-    if scheme.lower() != "digest":
-        return "invalid"
-    try:
-        fields = parse_keqv_list(parse_http_list(rest))
-    except (ValueError, IndexError):
+    fields = digest_fields(rest) if scheme.lower() == "digest" else None
+    if fields is None:
         return "invalid"
     algorithm = fields.get("algorithm", "MD5").upper()
     required = ("username", "realm", "nonce", "uri", "response", "qop", "nc", "cnonce")

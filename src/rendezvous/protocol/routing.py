@@ -5,11 +5,10 @@ Diagnostics and status codes are node-rendezvous's, to the byte (PROTOCOL.md §1
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from urllib.parse import parse_qs
-from urllib.request import parse_http_list, parse_keqv_list
 
+from rendezvous.protocol.digest import basic_credentials, digest_fields
 from rendezvous.protocol.head import RequestHead
 
 CONNECT_SCHEME = "uuid:"
@@ -89,24 +88,12 @@ def _query_value(query: str, name: str) -> str | None:
 
 def authorization_username(value: bytes) -> str | None:
     """The user name of a Digest or Basic ``Authorization`` header, or None if malformed."""
-    try:
-        text = value.decode("latin-1").strip()
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        return None
-    scheme, _, rest = text.partition(" ")
+    scheme, _, rest = value.decode("latin-1").strip().partition(" ")
     scheme = scheme.lower()
     if scheme == "digest":
-        try:
-            fields = parse_keqv_list(parse_http_list(rest))
-        except (ValueError, IndexError):  # e.g. 'username=' with no value at all
-            return None
-        username = fields.get("username")
-        return username or None
+        fields = digest_fields(rest)
+        return fields.get("username") or None if fields is not None else None
     if scheme == "basic":
-        try:
-            decoded = base64.b64decode(rest.strip(), validate=True).decode("utf-8")
-        except (ValueError, UnicodeDecodeError):  # binascii.Error, or non-ASCII input
-            return None
-        username, colon, _ = decoded.partition(":")
-        return username if colon and username else None
+        credentials = basic_credentials(rest)
+        return credentials[0] or None if credentials is not None else None
     return None

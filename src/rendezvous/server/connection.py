@@ -472,15 +472,24 @@ class Connection(asyncio.Protocol):
         """No parked connection came for this ID in time: 404."""
         head = self.head
         assert head is not None
-        self.timer = None
-        self.hub.stop_waiting(self)
-        if head.is_upgrade:
-            self._reject(DIAG_NOT_REGISTERED,
-                         responses.bare_error(404, DIAG_NOT_REGISTERED), status=404)
-            return
         close = not head.keep_alive
-        self.transport.write(responses.full_error(404, DIAG_NOT_REGISTERED, close=close))
-        self._note_rejection(DIAG_NOT_REGISTERED, 404)
+        answer = (responses.bare_error(404, DIAG_NOT_REGISTERED) if head.is_upgrade
+                  else responses.full_error(404, DIAG_NOT_REGISTERED, close=close))
+        self._answer_request(DIAG_NOT_REGISTERED, 404, answer, close)
+
+    def _answer_request(self, reason: str, status: int, answer: bytes, close: bool) -> None:
+        """Answer a mobile client's pending request ourselves instead of pairing it. An
+        Upgrade request is closed after its answer (as the original did); a plain one may keep
+        its connection for the client's next request."""
+        head = self.head
+        assert head is not None
+        self.hub.stop_waiting(self)
+        self._cancel_timer()
+        if head.is_upgrade:
+            self._reject(reason, answer, status=status)
+            return
+        self.transport.write(answer)
+        self._note_rejection(reason, status)
         self._finish_refused(head, close)
         self._process_heads()
 
@@ -516,18 +525,10 @@ class Connection(asyncio.Protocol):
         """401 with a fresh challenge (SHA-256 and MD5) to a client that failed the check."""
         head = self.head
         assert head is not None
-        self.hub.stop_waiting(self)
-        self._cancel_timer()
         close = head.is_upgrade or not head.keep_alive
         answer = responses.challenge(head.is_upgrade, close, authenticate=digest.challenge_headers(
             self.hub.nonces, stale))
-        if head.is_upgrade:
-            self._reject("visitor not authorized", answer, status=401)
-            return
-        self.transport.write(answer)
-        self._note_rejection("visitor not authorized", 401)
-        self._finish_refused(head, close)
-        self._process_heads()
+        self._answer_request("visitor not authorized", 401, answer, close)
 
     def _start_relay(self) -> None:
         """Send the hidden server the request and every byte read past it, then relay."""
