@@ -121,7 +121,12 @@ def test_users_lifecycle_on_sqlite(tmp_path: Path) -> None:
         "relay.example.com",
         443,
     )
-    assert (first.step, first.digits, first.ca_pem) == (60, 8, None)
+    assert (first.step, first.digits) == (60, 8)
+    # Before the relay's first start the certificate is made the way the relay would make it
+    # (its names and the public host given), so the file carries the CA the relay will present.
+    assert first.ca_pem == (data / "cert.pem").read_text()
+    assert "relay.example.com" in cert_names((data / "cert.pem").read_bytes())
+    assert "made now" in added.out
     assert (data / "registry.sqlite3").is_file()
 
     ok(rendezvous("users", "add", "--label", "second", *common, cwd=tmp_path))

@@ -10,6 +10,10 @@ from rendezvous.errors import ConfigError
 
 DEFAULT_PORT = 8899
 DEFAULT_DATA_DIR = Path("data")
+# Environment variables a command reads when its flag is not given.
+ENV_DATA_DIR = "RENDEZVOUS_DATA_DIR"
+ENV_REGISTRY = "RENDEZVOUS_REGISTRY"
+ENV_CLUSTER_KEY = "RENDEZVOUS_CLUSTER_KEY"
 
 # Limits. Each has a flag; these defaults suit a relay on the open Internet.
 DEFAULT_POOL_SIZE = 8  # parked connections kept per ID; the oldest is closed when full
@@ -38,6 +42,23 @@ TRUST_SECONDS = 24 * 3600  # an address that parked for an ID skips the ID's lim
 def default_registry_url(data_dir: Path) -> str:
     """The embedded default: a SQLite file in the data folder."""
     return f"sqlite:///{(data_dir / 'registry.sqlite3').resolve()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """Where a command keeps its files (the data folder) and finds the registry."""
+
+    data_dir: Path = DEFAULT_DATA_DIR
+    registry_url: str = ""  # "": the SQLite file in the data folder
+
+    def __post_init__(self) -> None:
+        if not self.registry_url:
+            object.__setattr__(self, "registry_url", default_registry_url(self.data_dir))
+
+    @property
+    def registry_in_data_dir(self) -> bool:
+        """Whether the registry is the default SQLite file inside the data folder."""
+        return self.registry_url == default_registry_url(self.data_dir)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +125,10 @@ class ServerConfig:
     use_uvloop: bool = True
     cluster: ClusterConfig | None = None  # several nodes on one Redis; None: a lone relay
     admin: AdminConfig | None = None  # the admin page next to the relay (serve --admin); None: off
+    # Where the relay records its public address (relay.json) and answers `rendezvous status`
+    # (a Unix socket); None: neither (a relay embedded in tests or another program).
+    data_dir: Path | None = None
+    public: RelayAddress | None = None  # what provisioning files say; port None: the bound one
 
 
 # The admin page (registrar) ---------------------------------------------------------------
@@ -114,12 +139,13 @@ ENV_ADMIN_PASSWORD = "RENDEZVOUS_ADMIN_PASSWORD"
 
 
 def is_loopback_host(host: str) -> bool:
-    """Whether binding ``host`` reaches this machine only: 127.0.0.0/8, ::1 or ``localhost``.
+    """Whether ``host`` reaches this machine only: 127.0.0.0/8, ::1, ``localhost`` or a name
+    under ``.localhost`` (RFC 6761 keeps those on loopback).
 
     An empty host, ``0.0.0.0`` and ``::`` bind every interface, so they are not loopback.
     """
-    name = host.strip("[]").lower()
-    if name in ("localhost", "localhost.localdomain"):
+    name = host.strip("[]").lower().removesuffix(".")
+    if name in ("localhost", "localhost.localdomain") or name.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
@@ -129,7 +155,12 @@ def is_loopback_host(host: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RelayAddress:
-    """What provisioning files made on the admin page tell hidden servers (PROTOCOL.md §5)."""
+    """Where hidden servers reach the relay, as provisioning files tell them (PROTOCOL.md §5).
+
+    Built once per command: ``serve`` records its own in the data folder (relay.json), and
+    every command that writes provisioning files (``users add``/``rotate``, the admin page)
+    starts from that record.
+    """
 
     host: str
     port: int | None = None  # None: the port of the relay in this process (else DEFAULT_PORT)
@@ -159,3 +190,49 @@ class AdminConfig:
                 f"network: bind 127.0.0.1, or set a password with --admin-password or "
                 f"${ENV_ADMIN_PASSWORD}"
             )
+
+
+# The agents --------------------------------------------------------------------------------
+
+DEFAULT_AGENT_POOL = 4  # connections a hidden server keeps parked: visitors served at once
+# A parked connection is replaced after this long, so none sits silently dead behind a NAT.
+DEFAULT_MAX_PARK_AGE = 300.0
+DEFAULT_BACKOFF_CAP = 30.0  # longest wait between attempts while the relay is unreachable
+DEFAULT_AUTH_RETRY = 60.0  # wait between attempts while the relay refuses our credentials
+DEFAULT_STATUS_INTERVAL = 60.0  # period of the agent's status log line
+DEFAULT_GRACE = 10.0  # seconds active pairings get to finish after SIGINT/SIGTERM
+DEFAULT_LISTEN = ("127.0.0.1", 8080)  # where ``rendezvous open`` listens
+# The password that goes with the ID when the hidden server checks no visitors: the relay
+# then reads only the user name (node-rendezvous's clients send "x").
+DEFAULT_VISITOR_PASSWORD = "x"
+
+
+@dataclass(frozen=True, slots=True)
+class HiddenAgentConfig:
+    """``rendezvous hidden``: how the hidden server's agent parks and what it forwards to."""
+
+    provisioning_file: Path
+    forward: tuple[str, int]  # the local service each pairing goes to
+    servers: tuple[tuple[str, int], ...] = ()  # (): the provisioning file's relay
+    pool: int = DEFAULT_AGENT_POOL
+    max_park_age: float = DEFAULT_MAX_PARK_AGE
+    backoff_cap: float = DEFAULT_BACKOFF_CAP
+    auth_retry: float = DEFAULT_AUTH_RETRY
+    status_interval: float = DEFAULT_STATUS_INTERVAL
+    grace: float = DEFAULT_GRACE
+    log_format: str = "text"
+    use_uvloop: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelConfig:
+    """``rendezvous open`` and ``get``: which hidden server, through which relay, as whom."""
+
+    uuid: str
+    server: tuple[str, int]
+    ca_pem: str | None = field(default=None, repr=False)  # None: the system's trust store
+    listen: tuple[str, int] = DEFAULT_LISTEN
+    auth: str = "basic"  # or "digest"
+    password: str = field(default=DEFAULT_VISITOR_PASSWORD, repr=False)
+    log_format: str = "text"
+    use_uvloop: bool = True

@@ -226,7 +226,10 @@ def test_the_admin_command_serves_the_registry_alone(tmp_path: Path) -> None:
             assert answer.status_code == 303
             document = get(client, base + answer.headers["Location"].replace(
                 "/entry", "/provisioning.json")).json()
-            assert document["server"] == {"host": "relay.example.com", "port": 8899}
+            # No relay has run with this data folder: its default port, and the certificate
+            # it will present (made by the first command that needed it).
+            assert document["server"] == {"host": "relay.example.com", "port": 8899,
+                                          "ca": (tmp_path / "cert.pem").read_text()}
             Entry.from_record(document["uuid"], document)  # a well-formed record
         assert requests.get(base + "/readyz", timeout=HTTP_TIMEOUT).status_code == 200
     finally:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import inspect
 import json
 import random
 import shutil
@@ -330,11 +331,11 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert main(["hidden", *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+    # The command line and the library default alike (both read config.py's values).
     defaults = build_parser().parse_args(["hidden", "--config", "f", "--forward", "1"])
-    assert (defaults.pool, defaults.max_park_age, defaults.backoff_cap, defaults.auth_retry,
-            defaults.status_interval, defaults.grace) == (
-        hidden.DEFAULT_POOL, hidden.DEFAULT_MAX_PARK_AGE, hidden.DEFAULT_BACKOFF_CAP,
-        hidden.DEFAULT_AUTH_RETRY, hidden.DEFAULT_STATUS_INTERVAL, hidden.DEFAULT_GRACE)
+    library = inspect.signature(hidden.HiddenAgent).parameters
+    for name in ("pool", "max_park_age", "backoff_cap", "auth_retry", "status_interval", "grace"):
+        assert getattr(defaults, name) == library[name].default, name
 
 
 # The library ---------------------------------------------------------------------------------

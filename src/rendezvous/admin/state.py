@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import jinja2
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from rendezvous.config import DEFAULT_PORT, AdminConfig
+from rendezvous.config import DEFAULT_PORT, AdminConfig, RelayAddress
 from rendezvous.registry import Registry
 
 if TYPE_CHECKING:
@@ -40,11 +40,11 @@ class AdminState:
         """Whether every page needs a logged-in session (a password is set)."""
         return self.config.password is not None
 
-    def relay_address(self) -> tuple[str, int, str | None]:
-        """Host, port and CA PEM that provisioning files give hidden servers."""
+    def relay(self) -> RelayAddress:
+        """Where provisioning files made here send hidden servers: the configured address,
+        its port the relay's in this process when it names none."""
         relay = self.config.relay
-        port = relay.port or self.relay_port or DEFAULT_PORT
-        return relay.host, port, relay.ca_pem
+        return replace(relay, port=relay.port or self.relay_port or DEFAULT_PORT)
 
 
 STATE: web.AppKey[AdminState] = web.AppKey("rendezvous_admin_state", AdminState)

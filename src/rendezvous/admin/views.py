@@ -29,15 +29,17 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 from yarl import URL
 
-from rendezvous import logs
+from rendezvous import logs, registrar
 from rendezvous.admin import security
 from rendezvous.admin.security import Session, get_session
 from rendezvous.admin.state import STATE, AdminState
 from rendezvous.admin.status import IdNumbers
+from rendezvous.config import DEFAULT_PORT
 from rendezvous.errors import DuplicateEntry, RegistryError, UnknownEntry
+from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.provisioning import MAX_DIGITS, MIN_DIGITS, provisioning_document
 from rendezvous.registry import Entry, new_secret
-from rendezvous.registry.base import DEFAULT_DIGITS, DEFAULT_STEP
+from rendezvous.registry.base import DEFAULT_STEP
 
 # What the add form accepts (the same bounds as `rendezvous users add`).
 MAX_STEP = 3600
@@ -47,6 +49,11 @@ READY_TIMEOUT = 2.0
 # IDs that are safe as a download's file name (an old node-rendezvous ID may not be).
 _FILE_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]{0,127}")
 DIGIT_CHOICES = tuple(range(MIN_DIGITS, MAX_DIGITS + 1))
+# The add form offers 8 digits, as the README recommends (a guess is 100 times less likely
+# than with 6); `users add` keeps node-rendezvous's 6.
+FORM_DIGITS = 8
+# A visitor password is typed by people; anything longer than this is not one.
+MAX_VISITOR_PASSWORD = 200
 
 T = TypeVar("T")
 
@@ -121,12 +128,8 @@ async def _form_id(request: web.Request) -> str:
 
 
 def _document(state: AdminState, entry: Entry) -> dict[str, Any]:
-    host, port, ca = state.relay_address()
-    return provisioning_document(entry, host, port, ca)
-
-
-def _entry_url(uuid: str) -> str:
-    return str(URL.build(path="/entry", query={"id": uuid}))
+    relay = state.relay()
+    return provisioning_document(entry, relay.host, relay.port or DEFAULT_PORT, relay.ca_pem)
 
 
 def _peer(request: web.Request) -> str:
@@ -151,7 +154,7 @@ async def index(request: web.Request) -> web.Response:
         relay=snapshot["relay"] if snapshot else None,
         now=time.time(),
         default_step=DEFAULT_STEP,
-        default_digits=DEFAULT_DIGITS,
+        default_digits=FORM_DIGITS,
         digit_choices=DIGIT_CHOICES,
         max_step=MAX_STEP,
         max_label=MAX_LABEL,
@@ -231,13 +234,21 @@ async def create(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     label = " ".join(str(form.get("label") or "").split())
     step = _form_int(form.get("step"), DEFAULT_STEP, 1, MAX_STEP, "step")
-    digits = _form_int(form.get("digits"), DEFAULT_DIGITS, MIN_DIGITS, MAX_DIGITS, "digits")
+    digits = _form_int(form.get("digits"), FORM_DIGITS, MIN_DIGITS, MAX_DIGITS, "digits")
     if len(label) > MAX_LABEL:
         raise web.HTTPBadRequest(text=f"label longer than {MAX_LABEL} characters\n")
-    entry = Entry(uuid=str(uuid4()), base32=new_secret(), step=step, digits=digits, label=label)
+    password = str(form.get("visitor_password") or "")
+    if len(password) > MAX_VISITOR_PASSWORD or any(c in password for c in "\r\n"):
+        raise web.HTTPBadRequest(
+            text=f"visitor password: one line of at most {MAX_VISITOR_PASSWORD} characters\n")
+    uuid = str(uuid4())
+    entry = Entry(uuid=uuid, base32=new_secret(), step=step, digits=digits, label=label,
+                  visitor=VisitorSecret.from_password(uuid, password) if password else None)
     registry = state.registry
-    await _registry_call(request, lambda: registry.add(entry))
-    logs.event("admin created", id=entry.uuid, label=label, by=_peer(request))
+    await _registry_call(
+        request, lambda: registrar.provision(registry, registrar.adding(entry), state.relay()))
+    logs.event("admin created", id=entry.uuid, label=label, visitors=bool(password),
+               by=_peer(request))
     session = get_session(request)
     _flash(session, "ok", f"Added {label or entry.uuid}. Give the hidden server its "
                           "provisioning file: it holds the secret.")
@@ -260,11 +271,10 @@ def _form_int(value: Any, default: int, low: int, high: int, name: str) -> int:
 async def rotate(request: web.Request) -> web.StreamResponse:
     state = _state(request)
     uuid = await _form_id(request)
-    old = await _entry(request, uuid)
-    new = old.rotated()
     registry = state.registry
     try:
-        await _registry_call(request, lambda: registry.replace(new))
+        await _registry_call(
+            request, lambda: registrar.provision(registry, registrar.rotating(uuid), state.relay()))
     except UnknownEntry:
         raise web.HTTPNotFound(text=f"no hidden server with ID {uuid!r}\n") from None
     logs.event("admin rotated", id=uuid, by=_peer(request))

@@ -40,6 +40,14 @@ from dataclasses import dataclass, field
 from typing import SupportsIndex
 
 from rendezvous import logs
+from rendezvous.config import (
+    DEFAULT_AGENT_POOL,
+    DEFAULT_AUTH_RETRY,
+    DEFAULT_BACKOFF_CAP,
+    DEFAULT_GRACE,
+    DEFAULT_MAX_PARK_AGE,
+    DEFAULT_STATUS_INTERVAL,
+)
 from rendezvous.errors import ProvisioningError
 from rendezvous.protocol import responses
 from rendezvous.protocol.totp import current_token
@@ -50,12 +58,8 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 """Serves one pairing: read the mobile client's bytes from the reader, answer on the writer.
 The agent closes the writer when the handler returns (or raises)."""
 
-DEFAULT_POOL = 4
-DEFAULT_MAX_PARK_AGE = 300.0
-DEFAULT_BACKOFF_CAP = 30.0
-DEFAULT_AUTH_RETRY = 60.0
-DEFAULT_STATUS_INTERVAL = 60.0
-DEFAULT_GRACE = 10.0
+# The defaults live beside HiddenAgentConfig, where the CLI reads them too.
+DEFAULT_POOL = DEFAULT_AGENT_POOL
 
 # Bytes per read: 256 KiB reads nearly double a streams relay over 64 KiB ones (NOTES.md). It is
 # also each StreamReader's limit, so at most twice that is buffered before reading pauses.

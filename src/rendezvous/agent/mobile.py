@@ -36,7 +36,12 @@ from urllib.request import parse_http_list, parse_keqv_list
 import httpx
 
 from rendezvous import logs
-from rendezvous.config import DEFAULT_MAX_HEAD_SIZE, DEFAULT_MAX_HEADERS
+from rendezvous.config import (
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_HEAD_SIZE,
+    DEFAULT_MAX_HEADERS,
+    DEFAULT_VISITOR_PASSWORD,
+)
 from rendezvous.protocol import responses
 from rendezvous.protocol.head import (
     HeadError,
@@ -50,9 +55,9 @@ from rendezvous.tls import client_ssl_context
 Auth = Literal["basic", "digest"]
 AUTH_SCHEMES: tuple[Auth, ...] = ("basic", "digest")
 
-# The password that goes with the ID: the relay reads only the user name.
-PASSWORD = "x"
-DEFAULT_LISTEN = ("127.0.0.1", 8080)
+# The password that goes with the ID (the relay reads only the user name unless the hidden
+# server checks its visitors), and where `rendezvous open` listens: defined in config.py.
+PASSWORD = DEFAULT_VISITOR_PASSWORD
 
 # Bytes per read on either side: 256 KiB reads nearly double a streams relay over 64 KiB ones.
 READ_CHUNK = 256 * 1024
@@ -300,6 +305,7 @@ class Tunnel:
         listen: tuple[str, int] = DEFAULT_LISTEN,
         auth: Auth = "basic",
         connect_timeout: float = CONNECT_TIMEOUT,
+        password: str = PASSWORD,
     ) -> None:
         if auth not in AUTH_SCHEMES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_SCHEMES)}, not {auth!r}")
@@ -313,6 +319,8 @@ class Tunnel:
         self.listen = listen
         self.auth: Auth = auth
         self.connect_timeout = connect_timeout
+        # The visitor password, for a hidden server whose visitors the relay checks.
+        self.password = password
         self.ssl_context = client_ssl_context(ca_pem)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -501,7 +509,7 @@ class _Pairing:
         tunnel = self.tunnel
         self.relay_reader, self.relay_writer = await tunnel.connect()
         if tunnel.auth == "basic":
-            authorization = basic_authorization(tunnel.uuid)
+            authorization = basic_authorization(tunnel.uuid, tunnel.password)
         else:
             authorization = await self._answer_challenge(head)
         self.relay_writer.write(with_authorization(head, authorization) + rest)
@@ -532,9 +540,9 @@ class _Pairing:
                     raise _RelayRefused(data, answer.status, reason)
                 challenge = answer.header("www-authenticate") or ""
                 authorization = digest_authorization(
-                    challenge, self.tunnel.uuid, PASSWORD, head.method, head.target)
+                    challenge, self.tunnel.uuid, self.tunnel.password, head.method, head.target)
                 if authorization is None:  # no Digest challenge: Basic names the ID as well
-                    authorization = basic_authorization(self.tunnel.uuid)
+                    authorization = basic_authorization(self.tunnel.uuid, self.tunnel.password)
                 reusable = await _skip_body(reader, answer, data[end:])
         except TimeoutError:
             raise RelayUnreachable(

@@ -23,6 +23,7 @@ from rendezvous.tls import server_ssl_context
 
 if TYPE_CHECKING:
     from rendezvous.admin import AdminSite
+    from rendezvous.server.local import LocalRecords
 
 # Seconds that active pairings get to finish after SIGINT/SIGTERM before they are cut.
 SHUTDOWN_GRACE = 10.0
@@ -44,6 +45,7 @@ class RendezvousServer:
         self.hub: Hub | None = None
         self._server: asyncio.Server | None = None
         self.admin: AdminSite | None = None  # the admin page, when config.admin asks for it
+        self.local: LocalRecords | None = None  # relay.json and the status socket (data_dir)
         self.ssl_context: ssl.SSLContext | None = (
             server_ssl_context(config.tls) if config.tls is not None else None
         )
@@ -92,6 +94,11 @@ class RendezvousServer:
             await self._join_cluster(hub, config.cluster)
         logs.event("listening", addresses=",".join(self.addresses),
                    tls="on" if self.ssl_context else "off", registry=self.registry.url)
+        if config.data_dir is not None:
+            from rendezvous.server.local import LocalRecords
+
+            self.local = LocalRecords(config, hub, self.port, self.addresses)
+            await self.local.start()
         if config.admin is not None:
             await self._start_admin()
 
@@ -130,6 +137,9 @@ class RendezvousServer:
         if self.admin is not None:
             admin, self.admin = self.admin, None
             await admin.close()
+        if self.local is not None:
+            local, self.local = self.local, None
+            await local.close()
         if self._server is not None:
             self._server.close()
         hub = self.hub

@@ -1,0 +1,385 @@
+"""``rendezvous serve``: run the relay (and, with --admin, the admin page beside it)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+from rendezvous import registrar
+from rendezvous.cli.admin import admin_password, admin_password_option
+from rendezvous.cli.options import (
+    PROG,
+    Commands,
+    Formatter,
+    address,
+    err,
+    host_port,
+    int_in,
+    runtime_options,
+    seconds,
+    store,
+    store_options,
+)
+from rendezvous.config import (
+    DEFAULT_ADMIN_HOST,
+    DEFAULT_ADMIN_PORT,
+    DEFAULT_CLUSTER_TTL,
+    DEFAULT_HEAD_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEAD_SIZE,
+    DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_PER_ADDRESS,
+    DEFAULT_PAIR_WAIT,
+    DEFAULT_PARKED_TIMEOUT,
+    DEFAULT_POOL_SIZE,
+    DEFAULT_PORT,
+    DEFAULT_SETTLE,
+    ENV_CLUSTER_KEY,
+    PER_ADDRESS_BURST,
+    PER_ADDRESS_INTERVAL,
+    PER_ID_BURST,
+    PER_ID_INTERVAL,
+    AdminConfig,
+    ClusterConfig,
+    GuessLimits,
+    Limits,
+    RelayAddress,
+    ServerConfig,
+    Store,
+    TLSConfig,
+)
+from rendezvous.errors import ConfigError, RendezvousError
+from rendezvous.provisioning import default_server_host, self_signed_pem
+from rendezvous.tls import CERT_FILE, ensure_self_signed, is_self_signed, server_ssl_context
+
+
+def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
+    """Add ``serve`` to ``commands``."""
+    p = commands.add_parser(
+        "serve",
+        parents=[store_options(), runtime_options()],
+        formatter_class=Formatter,
+        help="run the relay",
+        description="Run the relay. Without --cert or --no-tls it uses DIR/cert.pem and\n"
+        "DIR/key.pem, creating a self-signed pair on first run; provisioning files made\n"
+        "by 'rendezvous users add' carry that certificate for hidden servers to trust.\n"
+        "At start it records its public address in DIR/relay.json, and the files made\n"
+        "later by 'users add', 'users rotate' and the admin page point there.",
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    p.add_argument(
+        "--port",
+        type=int_in(0, 65535),
+        default=DEFAULT_PORT,
+        help="port to listen on; 0 picks a free one (default: %(default)s)",
+    )
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--cert", metavar="FILE", type=Path, help="certificate chain (PEM)")
+    tls.add_argument("--key", metavar="FILE", type=Path, help="private key of --cert (PEM)")
+    tls.add_argument(
+        "--public-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="name or address clients use to reach the relay; repeatable. The first is the "
+        "host provisioning files give; all are added to the self-signed certificate when it "
+        "is created (ignored with --cert or --no-tls)",
+    )
+    tls.add_argument(
+        "--no-tls",
+        action="store_true",
+        help="speak plain TCP, for a relay behind a TLS-terminating balancer",
+    )
+    public = p.add_argument_group(
+        "public address",
+        "What provisioning files tell hidden servers (recorded in DIR/relay.json at start).",
+    )
+    public.add_argument(
+        "--server-host",
+        metavar="HOST",
+        help="relay host written into provisioning files (default: the first --public-host, "
+        "else the first public name in the relay's certificate, else this machine's FQDN)",
+    )
+    public.add_argument(
+        "--server-port",
+        type=int_in(1, 65535),
+        metavar="PORT",
+        help="relay port written into those files, e.g. a balancer's (default: the port the "
+        "relay listens on)",
+    )
+    _add_limits(p)
+    _add_cluster(p)
+    _add_admin_page(p)
+    p.set_defaults(handler=_serve)
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    limits = p.add_argument_group("limits")
+    limits.add_argument(
+        "--pool-size",
+        type=int_in(1),
+        default=DEFAULT_POOL_SIZE,
+        metavar="N",
+        help="parked connections kept per hidden server; 1 behaves like node-rendezvous "
+        "(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--pair-wait",
+        type=seconds(allow_zero=True),
+        default=DEFAULT_PAIR_WAIT,
+        metavar="SECONDS",
+        help="how long a client waits for a parked connection before 404 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--settle",
+        type=seconds(allow_zero=True),
+        default=DEFAULT_SETTLE,
+        metavar="SECONDS",
+        help="how long a freshly parked connection rests before it is paired "
+        "(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--head-timeout",
+        type=seconds(allow_zero=False),
+        default=DEFAULT_HEAD_TIMEOUT,
+        metavar="SECONDS",
+        help="time to finish the TLS handshake and send a request head (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-head-size",
+        type=int_in(1),
+        default=DEFAULT_MAX_HEAD_SIZE,
+        metavar="BYTES",
+        help="largest request head; beyond it 431 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-headers",
+        type=int_in(1),
+        default=DEFAULT_MAX_HEADERS,
+        metavar="N",
+        help="most header lines in a request head; beyond it 431 (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=int_in(1),
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="most open client connections (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-per-address",
+        type=int_in(1),
+        default=DEFAULT_MAX_PER_ADDRESS,
+        metavar="N",
+        help="most open connections from one IP address (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--parked-timeout",
+        type=seconds(allow_zero=False),
+        default=DEFAULT_PARKED_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection parked unpaired this long (default: %(default)s)",
+    )
+    guesses = p.add_argument_group(
+        "failed CONNECTs",
+        "Wrong tokens and unknown IDs are limited by token buckets, per source address and per "
+        "ID; past them a CONNECT gets 429 with Retry-After and its token is not even checked. "
+        "An address that parked for an ID skips that ID's bucket.",
+    )
+    guesses.add_argument("--failures-per-address", type=int_in(1), default=PER_ADDRESS_BURST,
+                         metavar="N", help="burst per address (default: %(default)s)")
+    guesses.add_argument("--failure-interval-per-address", type=seconds(allow_zero=False),
+                         default=PER_ADDRESS_INTERVAL, metavar="SECONDS",
+                         help="then one more every SECONDS (default: %(default)s)")
+    guesses.add_argument("--failures-per-id", type=int_in(1), default=PER_ID_BURST,
+                         metavar="N", help="burst per ID (default: %(default)s)")
+    guesses.add_argument("--failure-interval-per-id", type=seconds(allow_zero=False),
+                         default=PER_ID_INTERVAL, metavar="SECONDS",
+                         help="then one more every SECONDS (default: %(default)s)")
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(
+        pool_size=args.pool_size,
+        pair_wait=args.pair_wait,
+        settle=args.settle,
+        head_timeout=args.head_timeout,
+        max_head_size=args.max_head_size,
+        max_headers=args.max_headers,
+        max_connections=args.max_connections,
+        max_per_address=args.max_per_address,
+        parked_timeout=args.parked_timeout,
+        guesses=GuessLimits(
+            per_address_burst=args.failures_per_address,
+            per_address_interval=args.failure_interval_per_address,
+            per_id_burst=args.failures_per_id,
+            per_id_interval=args.failure_interval_per_id,
+        ),
+    )
+
+
+def _add_cluster(p: argparse.ArgumentParser) -> None:
+    cluster = p.add_argument_group(
+        "cluster",
+        "Several relay nodes sharing one Redis: a node pairs a client with a hidden server parked "
+        "on another node by handing the request to it over an internal listener (mutual TLS on "
+        "the cluster key). Without --cluster nothing changes.",
+    )
+    cluster.add_argument("--cluster", metavar="REDIS_URL",
+                         help="the cluster's Redis, e.g. redis://10.0.0.2:6379/1")
+    cluster.add_argument("--node-id", metavar="ID",
+                         help="this node's unique name in the cluster (default: the host name)")
+    cluster.add_argument("--internal", metavar="HOST:PORT", default="127.0.0.1:8900",
+                         help="internal listener for other nodes; keep it on a private network "
+                              "(default: %(default)s)")
+    cluster.add_argument("--advertise", metavar="HOST:PORT",
+                         help="address other nodes dial (default: --internal; required when "
+                              "--internal binds all interfaces)")
+    cluster.add_argument("--cluster-key", metavar="KEY", default=os.environ.get(ENV_CLUSTER_KEY),
+                         help=f"shared secret of the nodes (default: ${ENV_CLUSTER_KEY})")
+    cluster.add_argument("--cluster-ttl", metavar="SECONDS", type=seconds(allow_zero=False),
+                         default=DEFAULT_CLUSTER_TTL,
+                         help="a node that stops heartbeating is forgotten after this long "
+                              "(default: %(default)s)")
+
+
+def _cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
+    """The cluster settings of ``serve``, or None without --cluster."""
+    if args.cluster is None:
+        return None
+    if not args.cluster_key:
+        raise ConfigError(f"--cluster needs --cluster-key or ${ENV_CLUSTER_KEY}: the nodes' "
+                          "shared secret (at least 16 characters)")
+    if len(args.cluster_key) < 16:
+        raise ConfigError("the cluster key must be at least 16 characters")
+    host, port = address(args.internal, "--internal", host_port("127.0.0.1", None))
+    advertise = args.advertise
+    if advertise is None and host in ("0.0.0.0", "::", ""):
+        raise ConfigError("--internal binds every interface: say which address other nodes "
+                          "dial with --advertise HOST:PORT")
+    if advertise is not None:
+        advertise = "{}:{}".format(*address(advertise, "--advertise", host_port(None, None)))
+    return ClusterConfig(redis_url=args.cluster, node_id=args.node_id or socket.gethostname(),
+                         internal_host=host, internal_port=port, cluster_key=args.cluster_key,
+                         advertise=advertise, ttl=args.cluster_ttl)
+
+
+def _add_admin_page(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group(
+        "admin page",
+        "The admin page lists, adds, rotates and removes hidden servers and shows the\n"
+        "relay's live numbers; it also serves /metrics (Prometheus), /healthz and /readyz.",
+    )
+    group.add_argument(
+        "--admin",
+        nargs="?",
+        const=(DEFAULT_ADMIN_HOST, DEFAULT_ADMIN_PORT),
+        type=host_port(DEFAULT_ADMIN_HOST, DEFAULT_ADMIN_PORT),
+        metavar="HOST:PORT",
+        help=f"serve the admin page here, in the relay's process (with no value: "
+        f"{DEFAULT_ADMIN_HOST}:{DEFAULT_ADMIN_PORT})",
+    )
+    admin_password_option(group)
+    group.add_argument(
+        "--metrics-per-id",
+        action="store_true",
+        help="add a parked-connections series per hidden-server ID to /metrics",
+    )
+
+
+def _admin_config(args: argparse.Namespace) -> AdminConfig | None:
+    """The admin page's settings for ``serve`` (None without --admin); raises ConfigError for a
+    page that would be open to the network."""
+    given: tuple[str, int] | None = args.admin
+    if given is None:
+        return None
+    host, port = given
+    return AdminConfig(
+        host=host, port=port, password=admin_password(args), metrics_per_id=args.metrics_per_id
+    )
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def _tls_config(args: argparse.Namespace, found: Store) -> TLSConfig | None:
+    cert: Path | None = args.cert
+    key: Path | None = args.key
+    if args.no_tls:
+        return None
+    if cert is not None and key is not None:
+        return TLSConfig(cert_file=cert, key_file=key)
+    return ensure_self_signed(found.data_dir, args.public_host,
+                              warn=lambda m: err(f"warning: {m}"))
+
+
+def public_relay(args: argparse.Namespace, found: Store, tls: TLSConfig | None) -> RelayAddress:
+    """What this relay's provisioning files say about it; port None: the port it binds."""
+    public_hosts: list[str] = args.public_host
+    cert_file = tls.cert_file if tls is not None else found.data_dir / CERT_FILE
+    host: str = (args.server_host or (public_hosts[0] if public_hosts else None)
+                 or default_server_host(cert_file))
+    ca = self_signed_pem(tls.cert_file) if tls is not None else None
+    return RelayAddress(host=host, port=args.server_port, ca_pem=ca)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    found = store(args)
+    if (args.cert is None) != (args.key is None):
+        raise ConfigError("--cert and --key go together: give both or neither")
+    if args.no_tls and args.cert is not None:
+        raise ConfigError("--no-tls and --cert contradict each other: choose one")
+    if args.public_host and (args.no_tls or args.cert is not None):
+        err("warning: --public-host only names a self-signed certificate and the host of "
+            "provisioning files; the certificate part is ignored here")
+    admin = _admin_config(args)  # an exposed admin page is refused before any file is made
+    registrar.prepare_data_dir(found, create=True)
+    tls = _tls_config(args, found)
+    if tls is not None:
+        server_ssl_context(tls)  # a bad pair fails here, with its file names, before the banner
+    relay = public_relay(args, found, tls)
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        tls=tls,
+        registry_url=found.registry_url,
+        limits=_limits(args),
+        log_format=args.log_format,
+        use_uvloop=not args.no_uvloop,
+        cluster=_cluster_config(args),
+        admin=admin and replace(admin, relay=relay),
+        data_dir=found.data_dir,
+        public=relay,
+    )
+    _banner(config, found, relay, args.port)
+
+    # Imported here so `users` and `cert` start fast and work without the server's dependencies.
+    from rendezvous.server.app import run
+
+    return run(config)
+
+
+def _banner(config: ServerConfig, found: Store, relay: RelayAddress, listen_port: int) -> None:
+    err(f"registry: {registrar.redact(config.registry_url)}")
+    if config.tls is None:
+        err("TLS: off (plain TCP; terminate TLS in front of the relay)")
+    else:
+        cert_file = config.tls.cert_file
+        note = ""
+        with contextlib.suppress(RendezvousError, OSError):
+            if is_self_signed(cert_file.read_bytes()):
+                note = " (self-signed: provisioning files carry it for hidden servers to trust)"
+        err(f"certificate: {cert_file.resolve()}{note}")
+    port = relay.port or (listen_port if listen_port else "the port it binds")
+    err(f"provisioning files will say: server {relay.host}:{port} (recorded in "
+        f"{(found.data_dir / registrar.RELAY_RECORD).resolve()} for 'users add', 'users rotate' "
+        "and the admin page); if hidden servers reach the relay by another name or port, "
+        "restart with --public-host NAME (and --server-port PORT behind a balancer)")
+    hint = f"{PROG} users add --label NAME --data-dir {found.data_dir.resolve()}"
+    if not found.registry_in_data_dir:
+        hint += f" --registry {registrar.redact(config.registry_url)}"
+    err(f"to add a hidden server: {hint}")

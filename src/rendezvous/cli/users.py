@@ -1,0 +1,326 @@
+"""``rendezvous users add|list|show|rotate|visitor|remove``: the hidden servers in the registry."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+from rendezvous import registrar
+from rendezvous.cli.options import (
+    Commands,
+    Formatter,
+    Handler,
+    err,
+    int_in,
+    provisioning_options,
+    store,
+    store_options,
+)
+from rendezvous.config import Store
+from rendezvous.errors import ConfigError
+from rendezvous.protocol.digest import VisitorSecret
+from rendezvous.provisioning import MAX_DIGITS, MIN_DIGITS
+from rendezvous.registry import Entry, Registry, new_secret
+from rendezvous.registry.base import DEFAULT_DIGITS, DEFAULT_STEP
+
+# IDs travel in `CONNECT uuid:ID?...`, in Digest/Basic user names and in file names: keep new ones
+# to URL-unreserved characters so none of those needs quoting.
+_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]{0,127}")
+
+_USERS_EPILOG = (
+    "Exit status: 0 on success; 2 on any error, among them an unknown ID, an ID that\n"
+    "already exists and an unreachable registry."
+)
+
+
+def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
+    """Add ``users`` and its actions to ``commands``."""
+    users = commands.add_parser(
+        "users",
+        formatter_class=Formatter,
+        help="manage hidden servers in the registry",
+        description="Add, list, show, rotate and remove the hidden servers the relay accepts.\n"
+        "Changes take effect at once, also on a running relay.",
+        epilog=_USERS_EPILOG,
+    )
+    actions = users.add_subparsers(dest="action", required=True, metavar="ACTION")
+    registry = store_options()
+    output = provisioning_options()
+
+    def action(name: str, handler: Handler, help: str,
+               *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p = actions.add_parser(
+            name,
+            parents=[registry, *parents],
+            formatter_class=Formatter,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            epilog=_USERS_EPILOG,
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    add = action("add", _add, "add a hidden server and write its provisioning file", output)
+    add.add_argument("--label", default="", help="a name for people, e.g. 'living-room hub'")
+    add.add_argument(
+        "--uuid",
+        metavar="ID",
+        help="the hidden server's ID: letters, digits and . _ ~ - (default: a random UUID)",
+    )
+    add.add_argument(
+        "--step",
+        type=int_in(1, 3600),
+        default=DEFAULT_STEP,
+        metavar="SECONDS",
+        help="TOTP time step (default: %(default)s)",
+    )
+    add.add_argument(
+        "--digits",
+        type=int,
+        choices=range(MIN_DIGITS, MAX_DIGITS + 1),
+        default=DEFAULT_DIGITS,
+        help="TOTP code length, 6 to 8 (default: %(default)s)",
+    )
+    add.add_argument(
+        "--visitor-password",
+        metavar="PASSWORD",
+        help="make visitors log in: the relay checks their Digest (or Basic) password before "
+        "pairing (default: none; any password, as node-rendezvous)",
+    )
+
+    lst = action("list", _list, "list the hidden servers")
+    lst.add_argument("--json", action="store_true", help="print a JSON array (no secrets)")
+
+    show = action("show", _show, "show one hidden server")
+    show.add_argument("id", metavar="ID")
+    show.add_argument("--secret", action="store_true", help="include the base32 TOTP secret")
+    show.add_argument("--json", action="store_true", help="print a JSON object")
+
+    rotate = action(
+        "rotate",
+        _rotate,
+        "give a hidden server a new secret and write its new provisioning file (for the relay "
+        "its old file names, unless told otherwise)",
+        output,
+    )
+    rotate.add_argument("id", metavar="ID")
+
+    visitor = action(
+        "visitor",
+        _visitor,
+        "set or clear the password visitors of a hidden server must log in with",
+    )
+    visitor.add_argument("id", metavar="ID")
+    choice = visitor.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--password", help="the new visitor password (Digest user name: ID)")
+    choice.add_argument("--off", action="store_true",
+                        help="no visitor check: any password is accepted again")
+
+    remove = action("remove", _remove, "remove a hidden server; it can no longer park")
+    remove.add_argument("id", metavar="ID")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def local_time(timestamp: float) -> str:
+    """A wall-clock time in ISO form in the local zone; a dash for none."""
+    if not timestamp:
+        return "-"  # node-rendezvous's records carry no timestamps
+    moment = datetime.datetime.fromtimestamp(timestamp).astimezone()
+    return moment.isoformat(timespec="seconds")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of white space (newlines too) made one space."""
+    return " ".join(text.split())
+
+
+def _opened(args: argparse.Namespace, *, create: bool = False) -> Store:
+    """The data folder and registry of ``args``, the folder checked (or made, with ``create``)."""
+    found = store(args)
+    registrar.prepare_data_dir(found, create=create)
+    return found
+
+
+def _out_path(args: argparse.Namespace, found: Store, uuid: str) -> Path | None:
+    """Where the provisioning file goes; None when it only goes to stdout."""
+    out: Path | None = args.out
+    if out is not None:
+        return out
+    if args.json:
+        return None
+    return registrar.provisioning_path(found, uuid)
+
+
+def _provision(
+    args: argparse.Namespace, found: Store, uuid: str, change: registrar.Change, *,
+    replaces: bool,
+) -> tuple[Entry, Path | None, str]:
+    """Run ``registrar.provision`` for ``change`` with the relay address the flags and the
+    data folder give; print the document when asked; warn about a loopback host."""
+    out = _out_path(args, found, uuid)
+    previous = None
+    if replaces:
+        old = out
+        if old is None:
+            with contextlib.suppress(ConfigError):  # --json for an ID that is no file name
+                old = registrar.provisioning_path(found, uuid)
+        previous = registrar.previous_file(old, uuid)
+    public = registrar.public_address(
+        found, host=args.server_host, port=args.server_port, ca_file=args.ca, no_ca=args.no_ca,
+        previous=previous,
+    )
+
+    async def op(registry: Registry) -> tuple[Entry, dict[str, Any]]:
+        return await registrar.provision(registry, change, public.relay, out)
+
+    entry, doc = registrar.with_registry(found.registry_url, op)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    if public.warning is not None:
+        err(f"warning: {public.warning}")
+    return entry, out, public.facts
+
+
+def _report(action: str, entry: Entry, out: Path | None, facts: str, json_out: bool) -> None:
+    """Say what was done; on stderr when stdout carries the JSON document."""
+    stream = sys.stderr if json_out else sys.stdout
+    label = f" ({one_line(entry.label)})" if entry.label else ""
+    print(f"{action} hidden server {entry.uuid}{label}", file=stream)
+    if out is not None:
+        print(f"  provisioning file {out} (mode 0600: it holds the secret)", file=stream)
+    print(f"  {facts}", file=stream)
+
+
+def _public_record(entry: Entry, *, secret: bool) -> dict[str, Any]:
+    """The entry for display: times in local ISO form, the secret only when asked for."""
+    record = entry.to_record()
+    record["created"] = local_time(entry.created)
+    record["updated"] = local_time(entry.updated)
+    if not secret:
+        del record["authParams"]["base32"]
+        record.pop("visitor", None)
+    record["visitorCheck"] = entry.visitor is not None
+    return record
+
+
+# ---------------------------------------------------------------------------- the actions
+
+
+def _add(args: argparse.Namespace) -> int:
+    found = store(args)
+    uuid: str = args.uuid if args.uuid is not None else str(uuid4())
+    if not _ID_PATTERN.fullmatch(uuid):
+        raise ConfigError(
+            f"invalid ID {uuid!r}: use 1 to 128 letters, digits and . _ ~ -, starting with a "
+            "letter or digit"
+        )
+    entry = Entry(
+        uuid=uuid, base32=new_secret(), step=args.step, digits=args.digits, label=args.label,
+        visitor=(VisitorSecret.from_password(uuid, args.visitor_password)
+                 if args.visitor_password else None),
+    )
+    registrar.prepare_data_dir(found, create=True)
+    added, out, facts = _provision(args, found, uuid, registrar.adding(entry), replaces=False)
+    _report("added", added, out, facts, args.json)
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    found = _opened(args)
+    uuid: str = args.id
+    entry, out, facts = _provision(args, found, uuid, registrar.rotating(uuid), replaces=True)
+    _report("rotated the secret of", entry, out, facts, args.json)
+    stream = sys.stderr if args.json else sys.stdout
+    print("  the old secret no longer works: give the hidden server its new file", file=stream)
+    return 0
+
+
+def _visitor(args: argparse.Namespace) -> int:
+    found = _opened(args)
+    uuid: str = args.id
+    password: str | None = None if args.off else args.password
+    if password is not None and not password:
+        raise ConfigError("the visitor password is empty (use --off for no check)")
+    secret = VisitorSecret.from_password(uuid, password) if password is not None else None
+
+    async def op(registry: Registry) -> None:
+        old = await registrar.get_entry(registry, uuid)
+        await registry.replace(dataclasses.replace(old, visitor=secret, updated=time.time()))
+
+    registrar.with_registry(found.registry_url, op)
+    if secret is None:
+        print(f"hidden server {uuid}: visitors are no longer checked")
+    else:
+        print(f"hidden server {uuid}: visitors must now log in (user name {uuid}, the password "
+              "you gave), from the hidden server's next parked connection on")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    found = _opened(args)
+
+    async def op(registry: Registry) -> list[Entry]:
+        return await registry.list()
+
+    entries = registrar.with_registry(found.registry_url, op)
+    if args.json:
+        print(json.dumps([_public_record(e, secret=False) for e in entries], indent=2))
+        return 0
+    if not entries:
+        err(f"no hidden servers in {registrar.redact(found.registry_url)}")
+        return 0
+    rows = [("ID", "LABEL", "CREATED")]
+    rows += [(e.uuid, one_line(e.label), local_time(e.created)) for e in entries]
+    id_width = max(len(r[0]) for r in rows)
+    label_width = max(len(r[1]) for r in rows)
+    for uuid, label, created in rows:
+        print(f"{uuid:<{id_width}}  {label:<{label_width}}  {created}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    found = _opened(args)
+    uuid: str = args.id
+
+    async def op(registry: Registry) -> Entry:
+        return await registrar.get_entry(registry, uuid)
+
+    entry = registrar.with_registry(found.registry_url, op)
+    if args.json:
+        print(json.dumps(_public_record(entry, secret=args.secret), indent=2))
+        return 0
+    print(f"ID:       {entry.uuid}")
+    print(f"label:    {one_line(entry.label)}")
+    print(f"step:     {entry.step} s")
+    print(f"digits:   {entry.digits}")
+    print(f"created:  {local_time(entry.created)}")
+    print(f"updated:  {local_time(entry.updated)}")
+    print(f"secret:   {entry.base32 if args.secret else '(hidden; pass --secret)'}")
+    visitors = ("checked: they log in as " + entry.uuid + " with the visitor password"
+                if entry.visitor is not None else "not checked: any password (set one with "
+                f"'users visitor {entry.uuid} --password P')")
+    print(f"visitors: {visitors}")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    found = _opened(args)
+    uuid: str = args.id
+
+    async def op(registry: Registry) -> None:
+        await registry.remove(uuid)
+
+    registrar.with_registry(found.registry_url, op)
+    print(f"removed hidden server {uuid} from {registrar.redact(found.registry_url)}")
+    return 0
