@@ -120,9 +120,11 @@ class ServerThread:
             return raw
         return self.client_context().wrap_socket(raw, server_hostname="127.0.0.1")
 
-    def park(self, entry: Entry, token: str | None = None) -> socket.socket:
-        """Park a connection for ``entry`` and return it after its ``200``."""
-        sock = self.connect()
+    def park(self, entry: Entry, token: str | None = None,
+             source: str | None = None) -> socket.socket:
+        """Park a connection for ``entry`` (from ``source``, say 127.0.0.2) and return it after
+        its ``200``."""
+        sock = self.connect(source=source)
         token = token or current_token(entry.base32, entry.step, entry.digits)
         sock.sendall(f"CONNECT uuid:{entry.uuid}?response={token} HTTP/1.1\r\n\r\n".encode())
         answer = recv_exactly(sock, len(PARKED))

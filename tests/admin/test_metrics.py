@@ -73,11 +73,11 @@ def test_metrics_count_parks_pairings_and_refusals(tmp_path: Path) -> None:
         assert value(before, "rendezvous_pairing_latency_seconds_count") == 0
         assert not any(name == "rendezvous_id_parked_connections" for name, _ in before)
 
-        # Park 3, pair 2 (a pool hands out its oldest first), refuse 1.
+        # Park 3, pair 2 (a pool hands out its newest first), refuse 1.
         parked = [sockets.enter_context(s.park(entry)) for _ in range(3)]
         s.wait_parked(entry.uuid, 3)
         up = down = 0
-        for hidden in parked[:2]:
+        for hidden in parked[:0:-1]:
             sent_up, sent_down = pair_once(s, entry, hidden)
             up += sent_up
             down += sent_down

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
 import random
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -40,9 +42,10 @@ from websockets.sync.server import serve as ws_serve
 
 from rendezvous.agent import HiddenAgent, hidden
 from rendezvous.cli import build_parser, main
+from rendezvous.errors import ProvisioningError
 from rendezvous.protocol.responses import error_body
 from rendezvous.provisioning import load_provisioning
-from rendezvous.registry import new_secret
+from rendezvous.registry import new_secret, open_registry
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -316,6 +319,53 @@ def test_sigterm_lets_an_active_pairing_finish(
     assert "pairing closed" in log and "cutting pairings" not in log, log
 
 
+def test_sighup_after_users_rotate_parks_with_the_new_secret(
+        tmp_path: Path, local_http: LocalHTTP, start_agent: StartAgent) -> None:
+    registry_url = f"sqlite:///{tmp_path / 'registry.sqlite3'}"
+    with running_server(tmp_path, registry=open_registry(registry_url)) as s:
+        entry = s.add_entry()
+        config = write_provisioning_for(s, entry, tmp_path / "hub.json")
+        agent = start_agent(config, local_http.address, "--pool", "2",
+                            "--server", f"127.0.0.1:{s.port}")
+        s.wait_parked(entry.uuid, 2, timeout=START_TIMEOUT)
+        result: list[httpx.Response] = []
+
+        def slow_request() -> None:  # a pairing in flight across the reload
+            with httpx.Client(verify=cert(s), timeout=CLIENT_TIMEOUT,
+                              headers={"Connection": "close"}) as client:
+                result.append(client.get(s.url() + "/sleep/3",
+                                         auth=httpx.DigestAuth(entry.uuid, "x")))
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        assert local_http.sleeping.wait(CLIENT_TIMEOUT)
+        s.wait_parked(entry.uuid, 2)  # its slot parked a replacement, with the old secret
+        assert main(["users", "rotate", entry.uuid, "--registry", registry_url,
+                     "--out", str(config), "--server-host", "127.0.0.1",
+                     "--server-port", str(s.port), "--ca", cert(s)]) == 0
+        assert load_provisioning(config).base32 != entry.base32
+        parks, refused = total_parks(s), rejections(s)
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_for_log("reloaded provisioning", timeout=10)
+        deadline = time.monotonic() + 10
+        while total_parks(s) < parks + 2:  # both slots parked again: the old secret is void
+            assert time.monotonic() < deadline, agent.text()
+            time.sleep(0.05)
+        assert rejections(s) == refused  # not one CONNECT with the old secret
+        s.wait_parked(entry.uuid, 2)  # the links parked with the old secret were recycled
+        thread.join(CLIENT_TIMEOUT)
+        assert result and result[0].status_code == 200, result  # the pairing went on
+        assert get(s, entry.uuid, "/after").json()["path"] == "/after"
+        # A file that no longer reads: said so, and the agent goes on with the one it has.
+        config.write_text("{not json")
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_for_log("reload failed, keeping the old provisioning", timeout=10)
+        assert get(s, entry.uuid, "/still").json()["path"] == "/still"
+        assert agent.terminate() == 0
+    log = agent.text()
+    assert log.count("reason=reloaded") == 2, log
+
+
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -501,3 +551,18 @@ def test_library_unreachable_local_service_gets_502(tmp_path: Path) -> None:
             await asyncio.wait_for(running, 5)
 
         asyncio.run(scenario())
+
+
+def test_library_reload_refuses_another_id_and_keeps_the_old_file(tmp_path: Path) -> None:
+    with running_server(tmp_path) as s:
+        entry, other = s.add_entry(), s.add_entry()
+        mine = load_provisioning(write_provisioning_for(s, entry, tmp_path / "a.json"))
+        theirs = load_provisioning(write_provisioning_for(s, other, tmp_path / "b.json"))
+        agent = HiddenAgent(mine, handler=reverse_handler)
+        with pytest.raises(ProvisioningError, match="start another agent"):
+            agent.reload(theirs)
+        assert agent.provisioning is mine
+        broken = dataclasses.replace(mine, base32=new_secret(), ca_pem="not a certificate")
+        with pytest.raises(ProvisioningError, match=r"server\.ca"):
+            agent.reload(broken)
+        assert agent.provisioning is mine

@@ -131,7 +131,7 @@ def snapshot(server: ServerThread) -> Snapshot:
         fds=open_fds(),
         parked=server.parked(),
         active_pairs=int(server.sync(lambda: hub.active_pairs)),
-        waiting=int(server.sync(lambda: sum(len(q) for q in hub.waiting.values()))),
+        waiting=int(server.sync(lambda: hub.waiting_count())),
     )
 
 

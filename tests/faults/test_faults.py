@@ -251,7 +251,7 @@ def test_a_mobile_leg_reset_while_waiting_for_a_park(tmp_path: Path) -> None:
         hub = r.server.server.hub
         assert hub is not None
         deadline = time.monotonic() + 2
-        while not r.server.sync(lambda: len(hub.waiting)):
+        while not r.server.sync(lambda: hub.waiting_count()):
             assert time.monotonic() < deadline, "the mobile client never waited"
             time.sleep(0.01)
         reset(mobile)

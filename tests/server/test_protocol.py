@@ -153,11 +153,11 @@ def test_full_pool_closes_its_oldest(tmp_path: Path) -> None:
         third.close()
 
 
-def test_pool_is_fifo(server: ServerThread) -> None:
+def test_pool_is_lifo(server: ServerThread) -> None:
     entry = server.add_entry()
     hidden = [server.park(entry) for _ in range(3)]
     server.wait_parked(entry.uuid, 3)
-    for number, parked in enumerate(hidden):
+    for number, parked in enumerate(reversed(hidden)):  # the newest is paired first
         with server.connect() as mobile:
             mobile.sendall(f"GET /{number} HTTP/1.1\r\nAuthorization: {basic(entry.uuid)}\r\n\r\n"
                            .encode())

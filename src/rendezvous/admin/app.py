@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from rendezvous import logs
+from rendezvous import logs, runtime
 from rendezvous.admin import security, views
 from rendezvous.admin.metrics import metrics_registry
 from rendezvous.admin.state import STATE, AdminState
@@ -52,7 +51,7 @@ def template_environment() -> jinja2.Environment:
 def build_app(
     config: AdminConfig,
     registry: Registry,
-    hub: Hub | None = None,
+    hub: Hub[Any] | None = None,
     *,
     relay_up: Callable[[], bool] | None = None,
     relay_port: int | None = None,
@@ -92,7 +91,7 @@ class AdminSite:
         self,
         config: AdminConfig,
         registry: Registry,
-        hub: Hub | None = None,
+        hub: Hub[Any] | None = None,
         *,
         relay_up: Callable[[], bool] | None = None,
         relay_port: int | None = None,
@@ -160,13 +159,11 @@ async def serve_until_signalled(config: AdminConfig, registry_url: str) -> None:
         site = AdminSite(config, registry)
         await site.start()
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await site.close()
+        with runtime.signals(stop.set):
+            try:
+                await stop.wait()
+            finally:
+                await site.close()
     finally:
         await registry.close()
         logs.event("admin stopped")
@@ -176,5 +173,6 @@ def run(config: AdminConfig, registry_url: str, log_format: str = "text") -> int
     """Run ``rendezvous admin`` to completion; returns the exit status (errors raise
     RendezvousError for the CLI to print)."""
     logs.configure_logging(log_format)
-    asyncio.run(serve_until_signalled(config, registry_url))
+    # The standard loop, as before: the page needs no uvloop speed.
+    runtime.run(serve_until_signalled(config, registry_url), use_uvloop=False)
     return 0

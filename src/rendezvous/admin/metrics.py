@@ -87,8 +87,8 @@ class RelayCollector(Collector):
                     "Connections parked now, per hidden-server ID.",
                     labels=["id"],
                 )
-                for uuid, pool in hub.pools.items():
-                    per_id.add_metric([uuid], len(pool))
+                for uuid, parked in hub.pool_sizes().items():
+                    per_id.add_metric([uuid], parked)
                 yield per_id
             yield GaugeMetricFamily(
                 f"{PREFIX}_active_pairings", "Pairings relaying bytes now.", value=hub.active_pairs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from aiohttp import web
@@ -27,7 +27,7 @@ class AdminState:
     registry: Registry
     templates: jinja2.Environment
     metrics: CollectorRegistry
-    hub: Hub | None = None  # None: no relay in this process (``rendezvous admin``)
+    hub: Hub[Any] | None = None  # None: no relay in this process (``rendezvous admin``)
     relay_up: Callable[[], bool] | None = None  # whether the relay's listener accepts
     relay_port: int | None = None  # the relay's bound port, for provisioning files
     status: StatusSampler | None = None

@@ -12,7 +12,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from rendezvous.server.connection import RELAYING
 from rendezvous.server.hub import Hub
 
 # Rates are averaged over this many seconds of samples (the page polls every 2 s).
@@ -41,26 +40,18 @@ class IdNumbers:
 class StatusSampler:
     """Reads the hub; remembers a few samples to turn totals into per-second rates."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub[Any]) -> None:
         self.hub = hub
         # (loop time, pairings, bytes), oldest first
         self._samples: deque[tuple[float, int, int]] = deque(maxlen=MAX_SAMPLES)
-
-    def _bytes_in_flight(self) -> dict[str, int]:
-        """Bytes moved so far by pairings still open, per ID."""
-        found: dict[str, int] = {}
-        for connection in self.hub.connections:
-            if connection.state == RELAYING and connection.received:
-                found[connection.uuid] = found.get(connection.uuid, 0) + connection.received
-        return found
 
     def ids(self, in_flight: dict[str, int] | None = None) -> dict[str, IdNumbers]:
         """Numbers for every ID the relay has seen since it started."""
         hub = self.hub
         if in_flight is None:
-            in_flight = self._bytes_in_flight()
+            in_flight = hub.bytes_in_flight()
         found: dict[str, IdNumbers] = {}
-        for uuid in hub.stats.per_id.keys() | hub.pools.keys():
+        for uuid in hub.stats.per_id.keys() | hub.parked_ids():
             stats = hub.stats.per_id.get(uuid)
             if stats is None:
                 found[uuid] = IdNumbers(parked=hub.parked_count(uuid))
@@ -78,7 +69,7 @@ class StatusSampler:
         """The relay's numbers now, as the status JSON's ``relay`` and ``ids``."""
         hub = self.hub
         stats = hub.stats
-        in_flight = self._bytes_in_flight()
+        in_flight = hub.bytes_in_flight()
         total_bytes = stats.bytes_up + stats.bytes_down + sum(in_flight.values())
         now = hub.loop.time()
         samples = self._samples

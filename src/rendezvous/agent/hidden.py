@@ -23,6 +23,10 @@ exponential with full jitter from ``BACKOFF_BASE`` up to ``backoff_cap`` for a n
 ``auth_retry`` for a refusal (401, 403, 407, 409, an untrusted certificate), ``Retry-After`` for
 a 429. So a relay that is down or refuses us sees one attempt per back-off, not one per slot,
 and a refusal is logged once per streak. A ``200`` ends the streak and every slot parks again.
+
+:meth:`HiddenAgent.reload` takes a new provisioning file (``rendezvous hidden`` does it on
+SIGHUP, after ``users rotate``): the next CONNECTs use its secret at once, even one held back by
+a refusal, and every parked link is recycled (replacement first), while pairings go on.
 """
 
 from __future__ import annotations
@@ -32,14 +36,13 @@ import contextlib
 import json
 import logging
 import random
-import signal
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sized
 from dataclasses import dataclass, field
-from typing import SupportsIndex
+from typing import Any, SupportsIndex
 
-from rendezvous import logs
+from rendezvous import logs, runtime
 from rendezvous.config import (
     DEFAULT_AGENT_POOL,
     DEFAULT_AUTH_RETRY,
@@ -281,6 +284,7 @@ class HiddenAgent:
         self.provisioning = provisioning
         self.handler = handler
         self.pool = pool
+        self._server_override = server is not None
         # Several relays (nodes of one cluster): a network failure moves on to the next.
         if server is None:
             self.servers = [(provisioning.host, provisioning.port)]
@@ -313,6 +317,9 @@ class HiddenAgent:
         self._stopping = False
         self._hurry = asyncio.Event()  # a second stop(): cut pairings now
         self._stopped = asyncio.Event()
+        self._wake = asyncio.Event()  # reload(): end the gate's wait now
+        # Resolved by reload(), then replaced: the slots recycle their parked links.
+        self._renewal: asyncio.Future[None] | None = None
 
     @property
     def host(self) -> str:
@@ -350,6 +357,7 @@ class HiddenAgent:
             raise RuntimeError("HiddenAgent.run() may be called only once")
         self._started = True
         loop = asyncio.get_running_loop()
+        self._renewal = loop.create_future()
         logs.event("agent started", id=self.provisioning.uuid, relay=self.relay, pool=self.pool)
         if not self._stopping:
             self._background = [loop.create_task(self._slot(i)) for i in range(self.pool)]
@@ -383,6 +391,32 @@ class HiddenAgent:
         self._log_status("stopped")
         self._stopped.set()
 
+    def reload(self, provisioning: Provisioning) -> None:
+        """Use ``provisioning`` (the same ID, e.g. a rotated secret) from now on: CONNECTs park
+        with it at once, even one held back after a refusal, and every parked link is
+        recycled (its replacement parks first); active pairings are not touched. The relay's
+        address follows the file unless ``server`` was given. Raises ProvisioningError (and
+        changes nothing) for another ID or an unusable ``server.ca``."""
+        if provisioning.uuid != self.provisioning.uuid:
+            raise ProvisioningError(f"the file is for ID {provisioning.uuid!r}, not "
+                                    f"{self.provisioning.uuid!r}: start another agent for it")
+        try:
+            context = client_ssl_context(provisioning.ca_pem)
+        except (ssl.SSLError, ValueError) as exc:
+            raise ProvisioningError(f"server.ca is not a usable certificate: {exc}") from None
+        self.provisioning, self._ssl = provisioning, context
+        if not self._server_override:
+            self.servers, self._server_index = [(provisioning.host, provisioning.port)], 0
+        gate = self._gate
+        gate.not_before, gate.reported = 0.0, None
+        self._wake.set()
+        renewal = self._renewal
+        if renewal is not None and not renewal.done():
+            self._renewal = asyncio.get_running_loop().create_future()
+            renewal.set_result(None)
+        logs.event("reloaded provisioning", id=provisioning.uuid, relay=self.relay,
+                   recycling=len(self._links))
+
     # Slots -----------------------------------------------------------------------------------
 
     async def _slot(self, slot: int) -> None:
@@ -398,10 +432,14 @@ class HiddenAgent:
                     retiring.retire()  # its replacement is parked: now it may go
                     retiring = None
                 age = self.max_park_age * random.uniform(1 - AGE_JITTER, 1)
-                done, _ = await asyncio.wait({link.outcome}, timeout=age)
-                if not done:
+                renewal = self._renewal
+                assert renewal is not None
+                ends: set[asyncio.Future[Any]] = {link.outcome, renewal}
+                await asyncio.wait(ends, timeout=age, return_when=asyncio.FIRST_COMPLETED)
+                if not link.outcome.done():
                     logs.event("recycling", id=self.provisioning.uuid, slot=slot,
-                               parked_for=f"{age:.0f}s")
+                               parked_for=f"{self._loop_time() - link.parked_at:.0f}s",
+                               reason="reloaded" if renewal.done() else "age")
                     retiring = link
                 elif link.outcome.result() == _CLOSED:
                     await asyncio.sleep(random.uniform(0, REPARK_PAUSE))
@@ -418,7 +456,9 @@ class HiddenAgent:
             async with gate.lock:
                 wait = gate.not_before - self._loop_time()
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
                 if not gate.healthy:
                     return await self._attempt(slot)
         return await self._attempt(slot)
@@ -753,22 +793,27 @@ async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> boo
 # Running under a signal handler ----------------------------------------------------------------
 
 
-async def serve_until_signalled(agent: HiddenAgent) -> None:
+async def serve_until_signalled(
+    agent: HiddenAgent, reload: Callable[[], Provisioning] | None = None
+) -> None:
     """Run ``agent`` until SIGINT or SIGTERM, then stop it gracefully (a second signal cuts
-    active pairings at once)."""
+    active pairings at once). On SIGHUP, ``reload()`` reads the provisioning file again for
+    :meth:`HiddenAgent.reload`; a file that fails is logged and the old one kept."""
     loop = asyncio.get_running_loop()
     stoppers: set[asyncio.Task[None]] = set()
 
-    def on_signal() -> None:
+    def on_stop() -> None:
         task = loop.create_task(agent.stop())
         stoppers.add(task)
         task.add_done_callback(stoppers.discard)
 
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for signum in signals:
-        loop.add_signal_handler(signum, on_signal)
-    try:
+    def on_reload() -> None:
+        assert reload is not None
+        try:
+            agent.reload(reload())
+        except ProvisioningError as exc:
+            logs.event("reload failed, keeping the old provisioning", level=logging.ERROR,
+                       id=agent.provisioning.uuid, error=str(exc))
+
+    with runtime.signals(on_stop, on_reload=on_reload if reload is not None else None):
         await agent.run()
-    finally:
-        for signum in signals:
-            loop.remove_signal_handler(signum)

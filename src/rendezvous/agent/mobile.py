@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import socket
 import ssl
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from urllib.request import parse_http_list, parse_keqv_list
 
 import httpx
 
-from rendezvous import logs
+from rendezvous import logs, runtime
 from rendezvous.config import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_HEAD_SIZE,
@@ -752,13 +751,11 @@ async def serve_until_signalled(tunnel: Tunnel, ready: Callable[[Tunnel], None])
     """Start ``tunnel``, call ``ready`` with it, and serve until SIGINT or SIGTERM."""
     await tunnel.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        ready(tunnel)
-        await stop.wait()
-    finally:
-        logs.event("stopping", listening=tunnel.url)
-        await tunnel.close()
-        logs.event("stopped")
+    with runtime.signals(stop.set):
+        try:
+            ready(tunnel)
+            await stop.wait()
+        finally:
+            logs.event("stopping", listening=tunnel.url)
+            await tunnel.close()
+            logs.event("stopped")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 
 from rendezvous.cli.options import (
@@ -140,10 +139,9 @@ def agent_config(args: argparse.Namespace) -> HiddenAgentConfig:
 
 def _hidden(args: argparse.Namespace) -> int:
     config = agent_config(args)
-    from rendezvous import logs
+    from rendezvous import logs, runtime
     from rendezvous.agent.hidden import HiddenAgent, forward_to, serve_until_signalled
     from rendezvous.provisioning import load_provisioning
-    from rendezvous.server.app import loop_factory
 
     provisioning = load_provisioning(config.provisioning_file)
     agent = HiddenAgent(
@@ -158,6 +156,8 @@ def _hidden(args: argparse.Namespace) -> int:
         grace=config.grace,
     )
     logs.configure_logging(config.log_format)
-    with asyncio.Runner(loop_factory=loop_factory(config.use_uvloop)) as runner:
-        runner.run(serve_until_signalled(agent))
+    # SIGHUP reads the file again (a rotated secret): see HiddenAgent.reload.
+    runtime.run(serve_until_signalled(
+        agent, reload=lambda: load_provisioning(config.provisioning_file)),
+        use_uvloop=config.use_uvloop)
     return 0

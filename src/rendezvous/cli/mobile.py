@@ -7,7 +7,6 @@ httpx.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import re
@@ -203,9 +202,8 @@ def _tunnel_config(args: argparse.Namespace) -> TunnelConfig:
 
 def _open(args: argparse.Namespace) -> int:
     config = _tunnel_config(args)
-    from rendezvous import logs
+    from rendezvous import logs, runtime
     from rendezvous.agent.mobile import Tunnel, serve_until_signalled
-    from rendezvous.server.app import loop_factory
 
     logs.configure_logging(config.log_format)
     tunnel = Tunnel(config.uuid, config.server, ca_pem=config.ca_pem, listen=config.listen,
@@ -217,8 +215,7 @@ def _open(args: argparse.Namespace) -> int:
 
     host, port = config.listen
     try:
-        with asyncio.Runner(loop_factory=loop_factory(config.use_uvloop)) as runner:
-            runner.run(serve_until_signalled(tunnel, ready))
+        runtime.run(serve_until_signalled(tunnel, ready), use_uvloop=config.use_uvloop)
     except OSError as exc:
         # errno's text, not asyncio's "error while attempting to bind on address (...)".
         reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or exc

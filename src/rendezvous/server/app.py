@@ -7,22 +7,21 @@ import contextlib
 import hashlib
 import logging
 import resource
-import signal
 import ssl
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from rendezvous import logs
+from rendezvous import logs, runtime
 from rendezvous.config import ClusterConfig, ServerConfig
 from rendezvous.registry import Registry, open_registry
-from rendezvous.server.cluster import ClusterMember
 from rendezvous.server.connection import INTERNAL, Connection
 from rendezvous.server.hub import Hub
 from rendezvous.tls import server_ssl_context
 
 if TYPE_CHECKING:
     from rendezvous.admin import AdminSite
+    from rendezvous.server.cluster import ClusterMember
     from rendezvous.server.local import LocalRecords
 
 # Seconds that active pairings get to finish after SIGINT/SIGTERM before they are cut.
@@ -42,7 +41,8 @@ class RendezvousServer:
         self.config = config
         self.registry = registry if registry is not None else open_registry(config.registry_url)
         self._owns_registry = registry is None
-        self.hub: Hub | None = None
+        self.hub: Hub[Connection] | None = None
+        self.cluster: ClusterMember | None = None  # this node's membership, with --cluster
         self._server: asyncio.Server | None = None
         self.admin: AdminSite | None = None  # the admin page, when config.admin asks for it
         self.local: LocalRecords | None = None  # relay.json and the status socket (data_dir)
@@ -72,8 +72,7 @@ class RendezvousServer:
         config = self.config
         nonce_key = (hashlib.sha256(b"rendezvous nonces\0" + config.cluster.cluster_key.encode())
                      .digest() if config.cluster is not None else None)
-        hub = Hub(self.registry, config.limits, loop, tls=self.ssl_context is not None,
-                  nonce_key=nonce_key)
+        hub: Hub[Connection] = Hub(self.registry, config.limits, loop, nonce_key=nonce_key)
         self.hub = hub
         factory: Callable[[], Connection] = lambda: Connection(hub)  # noqa: E731
         self._server = await loop.create_server(
@@ -102,16 +101,22 @@ class RendezvousServer:
         if config.admin is not None:
             await self._start_admin()
 
-    async def _join_cluster(self, hub: Hub, cluster: ClusterConfig) -> None:
-        """Open the internal listener and register this node in the cluster's Redis."""
-        member = ClusterMember(cluster, hub)
+    async def _join_cluster(self, hub: Hub[Connection], cluster: ClusterConfig) -> None:
+        """Open the internal listener and register this node in the cluster's Redis (its
+        module, and redis with it, is imported only here)."""
+        from rendezvous.server.cluster import ClusterMember
+
+        member = ClusterMember(
+            cluster, loop=hub.loop, parked_count=hub.parked_count, parked_ids=hub.parked_ids,
+            spawn=hub.spawn, handshake_timeout=hub.limits.head_timeout)
         try:
             await member.start(lambda: Connection(hub, INTERNAL))
         except BaseException:
             await member.close()
             await self.close(grace=0)
             raise
-        hub.cluster = member
+        self.cluster = hub.cluster = member
+        hub.on_pool_change = member.pool_changed
 
     async def _start_admin(self) -> None:
         """Serve the admin page on this loop, next to the relay (imported only when asked)."""
@@ -143,8 +148,10 @@ class RendezvousServer:
         if self._server is not None:
             self._server.close()
         hub = self.hub
-        if hub is not None and hub.cluster is not None:
-            member, hub.cluster = hub.cluster, None
+        if self.cluster is not None:
+            member, self.cluster = self.cluster, None
+            if hub is not None:
+                hub.cluster = hub.on_pool_change = None
             await member.close()  # first, so other nodes stop sending us clients
         if hub is not None:
             hub.closing = True
@@ -197,33 +204,19 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop]:
-    """uvloop when available and wanted (its TLS costs a tenth of asyncio's per connection)."""
-    if use_uvloop:
-        try:
-            import uvloop
-        except ImportError:
-            logs.event("uvloop unavailable, using asyncio's loop", level=logging.WARNING)
-        else:
-            return uvloop.new_event_loop  # type: ignore[no-any-return,unused-ignore]
-    return asyncio.new_event_loop
-
-
 async def serve_until_signalled(config: ServerConfig) -> None:
-    """Run the server until SIGINT or SIGTERM, then shut down gracefully."""
+    """Run the server until SIGINT or SIGTERM, then shut down gracefully (SIGHUP reloads the
+    certificate)."""
     server = RendezvousServer(config)
     await server.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
-    try:
-        await stop.wait()
-    finally:
-        logs.event("stopping", active_pairs=server.hub.active_pairs if server.hub else 0)
-        await server.close()
-        logs.event("stopped")
+    with runtime.signals(stop.set, on_reload=server.reload_tls):
+        try:
+            await stop.wait()
+        finally:
+            logs.event("stopping", active_pairs=server.hub.active_pairs if server.hub else 0)
+            await server.close()
+            logs.event("stopped")
 
 
 def run(config: ServerConfig) -> int:
@@ -234,8 +227,7 @@ def run(config: ServerConfig) -> int:
         logs.event("open-file limit below max connections", level=logging.WARNING,
                    limit=limit, max_connections=config.limits.max_connections)
     try:
-        with asyncio.Runner(loop_factory=loop_factory(config.use_uvloop)) as runner:
-            runner.run(serve_until_signalled(config))
+        runtime.run(serve_until_signalled(config), use_uvloop=config.use_uvloop)
     except OSError as exc:
         print(f"rendezvous: error: cannot listen on {config.host}:{config.port}: {exc}",
               file=sys.stderr)

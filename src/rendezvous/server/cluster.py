@@ -17,6 +17,11 @@ crosses at most one hop.
 
 The internal listener speaks mutual TLS whose only trust anchor is a certificate derived from the
 cluster key: only nodes holding the key can connect, or be connected to.
+
+This module is imported only by a relay started with ``--cluster`` (it pulls in ``redis`` and
+``cryptography``). It knows nothing of the hub or of connections: the member is given callables
+(read a pool's size, list the pooled IDs, run a job) and offers ``locate`` and ``dial``, the
+:class:`~rendezvous.server.hub.Cluster` interface the connections use.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ import hashlib
 import logging
 import ssl
 import tempfile
+from collections.abc import Callable, Collection, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from cryptography import x509
@@ -41,8 +47,7 @@ from redis.exceptions import RedisError
 from rendezvous import logs
 from rendezvous.config import ClusterConfig
 
-if TYPE_CHECKING:
-    from rendezvous.server.hub import Hub
+P = TypeVar("P", bound=asyncio.BaseProtocol)
 
 KEY_PREFIX = "rendezvous:"
 FLUSH_INTERVAL = 0.02  # pool changes reach Redis within this many seconds
@@ -114,11 +119,24 @@ def cluster_ssl_contexts(cluster_key: str) -> tuple[ssl.SSLContext, ssl.SSLConte
 
 
 class ClusterMember:
-    """This node's presence in the cluster: heartbeat, published counts, lookups."""
+    """This node's presence in the cluster: heartbeat, published counts, lookups, dialling.
 
-    def __init__(self, config: ClusterConfig, hub: Hub) -> None:
+    ``parked_count(ID)`` and ``parked_ids()`` read this node's pools; ``spawn`` runs a
+    background job holding a reference to it; ``handshake_timeout`` bounds the TLS handshakes
+    of internal connections, both ways. Call :meth:`pool_changed` whenever a pool changes.
+    """
+
+    def __init__(
+        self, config: ClusterConfig, *, loop: asyncio.AbstractEventLoop,
+        parked_count: Callable[[str], int], parked_ids: Callable[[], Collection[str]],
+        spawn: Callable[[Coroutine[Any, Any, None]], None], handshake_timeout: float,
+    ) -> None:
         self.config = config
-        self.hub = hub
+        self.loop = loop
+        self._parked_count = parked_count
+        self._parked_ids = parked_ids
+        self._spawn = spawn
+        self.handshake_timeout = handshake_timeout
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             config.redis_url, socket_connect_timeout=2, socket_timeout=2)
         self.server_context, self.client_context = cluster_ssl_contexts(config.cluster_key)
@@ -134,10 +152,10 @@ class ClusterMember:
 
     async def start(self, protocol_factory: Any) -> None:
         """Listen on the internal address and join the cluster."""
-        loop = self.hub.loop
+        loop = self.loop
         self._listener = await loop.create_server(
             protocol_factory, host=self.config.internal_host, port=self.config.internal_port,
-            ssl=self.server_context, ssl_handshake_timeout=self.hub.limits.head_timeout,
+            ssl=self.server_context, ssl_handshake_timeout=self.handshake_timeout,
             reuse_address=True)
         if self.config.internal_port == 0:  # tests: learn the port picked
             port = self._listener.sockets[0].getsockname()[1]
@@ -170,19 +188,19 @@ class ClusterMember:
         """A pool of ours grew or shrank: publish its size soon (batched)."""
         self._dirty.add(uuid)
         if self._flush_handle is None:
-            self._flush_handle = self.hub.loop.call_later(FLUSH_INTERVAL, self._start_flush)
+            self._flush_handle = self.loop.call_later(FLUSH_INTERVAL, self._start_flush)
 
     def _start_flush(self) -> None:
         self._flush_handle = None
         dirty, self._dirty = self._dirty, set()
-        self.hub.spawn(self._publish(dirty))
+        self._spawn(self._publish(dirty))
 
     async def _publish(self, uuids: set[str]) -> None:
         node = self.config.node_id
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for uuid in uuids:
-                    count = self.hub.parked_count(uuid)
+                    count = self._parked_count(uuid)
                     if count:
                         pipe.hset(self._parked_key(uuid), node, count)
                         self._published[uuid] = count
@@ -201,7 +219,7 @@ class ClusterMember:
             await asyncio.sleep(self.config.ttl / 3)
             beats += 1
             if beats % RESYNC_EVERY == 0:
-                self._dirty |= set(self._published) | set(self.hub.pools)
+                self._dirty |= set(self._published) | set(self._parked_ids())
             await self._beat()
 
     async def _beat(self) -> None:
@@ -237,6 +255,16 @@ class ClusterMember:
             return []
         pairs = [(found[i].decode(), found[i + 1].decode()) for i in range(0, len(found), 2)]
         return pairs
+
+    async def dial(self, address: str, factory: Callable[[], P]) -> P:
+        """Connect to the internal listener of the node at ``address`` (``host:port``) with
+        mutual TLS; the protocol ``factory`` made. OSError, ssl.SSLError, TimeoutError (after
+        ``handshake_timeout``) or ValueError (a malformed address) when it cannot."""
+        host, _, port = address.rpartition(":")
+        _, protocol = await asyncio.wait_for(self.loop.create_connection(
+            factory, host.strip("[]"), int(port), ssl=self.client_context,
+            server_hostname=CLUSTER_CERT_NAME), timeout=self.handshake_timeout)
+        return protocol
 
     @staticmethod
     def _parked_key(uuid: str) -> str:

@@ -16,7 +16,6 @@ import logging
 import math
 import socket
 import ssl
-import time
 from typing import cast
 
 from rendezvous import logs
@@ -43,8 +42,7 @@ from rendezvous.protocol.routing import (
 )
 from rendezvous.protocol.totp import token_is_valid
 from rendezvous.registry import Entry
-from rendezvous.server.cluster import CLUSTER_CERT_NAME, ClusterMember
-from rendezvous.server.hub import Hub, Rejection
+from rendezvous.server.hub import CODE_TAKEN, Cluster, Hub
 
 # States. A connection only moves forward through these, except a mobile leg that is refused
 # on a keep-alive connection, which goes back to HEAD for the client's next request.
@@ -109,7 +107,7 @@ class Connection(asyncio.Protocol):
         "writing_paused",
     )
 
-    def __init__(self, hub: Hub, kind: int = PUBLIC) -> None:
+    def __init__(self, hub: Hub[Connection], kind: int = PUBLIC) -> None:
         self.hub = hub
         self.kind = kind
         self.tls = False
@@ -135,7 +133,6 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         hub = self.hub
-        hub.connections.add(self)
         self.tls = transport.get_extra_info("sslcontext") is not None
         peername = transport.get_extra_info("peername")
         self.peername = (str(peername[0]), int(peername[1])) if peername else None
@@ -145,10 +142,11 @@ class Connection(asyncio.Protocol):
             # already, but a relay must not depend on it.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.kind == OUTBOUND:
+            hub.opened(self, None)
             self.state = WAITING  # until linked to its mobile client (cluster forwarding)
             return
         address = self.address
-        hub.per_address[address] += 1
+        hub.opened(self, address)
         if hub.closing:  # finished its handshake after the shutdown began
             self.state = CLOSED
             self.transport.abort()
@@ -157,7 +155,7 @@ class Connection(asyncio.Protocol):
             self._reject("too many connections", responses.status_only(503), status=503)
             return
         # Other relay nodes forward many clients each: no per-address cap for them.
-        if hub.per_address[address] > hub.limits.max_per_address and self.kind == PUBLIC:
+        if hub.from_address(address) > hub.limits.max_per_address and self.kind == PUBLIC:
             self._reject("too many connections from this address",
                          responses.status_only(503), status=503)
             return
@@ -196,14 +194,7 @@ class Connection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        hub = self.hub
-        hub.connections.discard(self)
-        if self.kind != OUTBOUND:
-            address = self.address
-            if hub.per_address[address] <= 1:
-                del hub.per_address[address]
-            else:
-                hub.per_address[address] -= 1
+        self.hub.closed(self, None if self.kind == OUTBOUND else self.address)
         if self.state == RELAYING:
             self.state = CLOSED
             self._cancel_timer()
@@ -232,7 +223,9 @@ class Connection(asyncio.Protocol):
                 return
             if self.head is not None:  # a mobile client left before its pairing began
                 peer.state = PARKED
-                hub.return_to_pool(peer)
+                waiting = hub.return_to_pool(peer)
+                if waiting is not None:
+                    waiting.pair_with(peer)
             else:  # the parked connection died during its settle: find the client another
                 peer._request_pairing()
 
@@ -373,6 +366,14 @@ class Connection(asyncio.Protocol):
             hub.guesses.failed(self.address, park.uuid, hub.loop.time())
             self._reject(reason, responses.bare_error(401, DIAG_INVALID), status=401)
             return
+        refusal = hub.refusal(self, park.token, entry.step)
+        if refusal == CODE_TAKEN:  # a leaked code, replayed from elsewhere: as a wrong one
+            hub.guesses.failed(self.address, park.uuid, hub.loop.time())
+            self._reject(refusal, responses.bare_error(401, DIAG_INVALID), status=401)
+            return
+        if refusal is not None:  # the pool is full, and none of it is this address's to evict
+            self._reject(refusal, responses.bare_error(503, refusal), status=503)
+            return
         hub.guesses.succeeded(self.address, park.uuid, hub.loop.time())
         self.entry = entry
         self._cancel_timer()
@@ -380,11 +381,11 @@ class Connection(asyncio.Protocol):
         self.state = PARKED
         self.since = hub.loop.time()
         self._enable_keepalive()
-        hub.stats.parked += 1
-        hub.stats.for_id(self.uuid).last_seen = time.time()
-        hub.park(self)
+        waiting = hub.park(self)
         logs.event("parked", id=self.uuid, peer=self._peer_text(),
                    pool=hub.parked_count(self.uuid))
+        if waiting is not None:
+            waiting.pair_with(self)
 
     def _enable_keepalive(self) -> None:
         sock = self.transport.get_extra_info("socket")
@@ -423,7 +424,7 @@ class Connection(asyncio.Protocol):
         if cluster is not None:
             hub.spawn(self._forward(cluster))
 
-    async def _forward(self, cluster: ClusterMember) -> None:
+    async def _forward(self, cluster: Cluster) -> None:
         """Hand this client to another node that holds a parked connection for its ID.
 
         Meanwhile it keeps waiting here too: whichever comes first, a local park or a remote
@@ -444,15 +445,11 @@ class Connection(asyncio.Protocol):
             await asyncio.sleep(delay)
             delay = min(delay * 2, FORWARD_RETRY_MAX)
 
-    async def _forward_to(self, cluster: ClusterMember, node: str, address: str) -> bool:
+    async def _forward_to(self, cluster: Cluster, node: str, address: str) -> bool:
         """Connect to ``node``'s internal listener and relay this client through it."""
         hub = self.hub
-        host, _, port = address.rpartition(":")
         try:
-            _, outbound = await asyncio.wait_for(hub.loop.create_connection(
-                lambda: Connection(hub, OUTBOUND), host.strip("[]"), int(port),
-                ssl=cluster.client_context, server_hostname=CLUSTER_CERT_NAME),
-                timeout=hub.limits.head_timeout)
+            outbound = await cluster.dial(address, lambda: Connection(hub, OUTBOUND))
         except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
             logs.event("forward failed", level=logging.WARNING, id=self.uuid, node=node,
                        address=address, error=str(exc) or type(exc).__name__)
@@ -464,7 +461,7 @@ class Connection(asyncio.Protocol):
         self._cancel_timer()
         assert self.head is not None
         self._link(outbound, self.head.forwarded(strip_authorization=False))
-        hub.stats.forwarded += 1
+        hub.forwarded(self.uuid)
         logs.event("forwarded", id=self.uuid, mobile=self._peer_text(), node=node)
         return True
 
@@ -500,7 +497,9 @@ class Connection(asyncio.Protocol):
         if secret is not None:
             verdict = self._check_visitor(secret)
             if verdict != "ok":
-                hub.return_to_pool(hidden)
+                waiting = hub.return_to_pool(hidden)
+                if waiting is not None:
+                    waiting.pair_with(hidden)
                 self._refuse_visitor(stale=verdict == "stale")
                 return
         self._cancel_timer()
@@ -536,10 +535,7 @@ class Connection(asyncio.Protocol):
         assert hidden is not None and head is not None
         self.timer = None
         latency = self._link(hidden, head.forwarded())
-        stats = self.hub.stats
-        stats.pairings += 1
-        stats.pairing_latency.observe(latency)
-        stats.for_id(self.uuid).pairings += 1
+        self.hub.paired(self.uuid, latency)
         logs.event("paired", id=self.uuid, mobile=self._peer_text(), hidden=hidden._peer_text(),
                    latency=f"{latency * 1000:.1f}ms")
 
@@ -561,10 +557,7 @@ class Connection(asyncio.Protocol):
         self.peer, other.peer = other, self
         self.state = other.state = RELAYING
         self.since = other.since = now
-        hub.active_pairs += 1
-        per_id = hub.stats.for_id(self.uuid)
-        per_id.active += 1
-        per_id.last_seen = time.time()
+        hub.relay_started(self, other)
         for leg in (self, other):
             if leg.reading_paused:
                 leg.reading_paused = False
@@ -623,14 +616,7 @@ class Connection(asyncio.Protocol):
             return
         hub = self.hub
         mobile, hidden = (self, peer) if self.head is not None else (peer, self)
-        hub.active_pairs -= 1
-        stats = hub.stats
-        stats.bytes_up += mobile.received
-        stats.bytes_down += hidden.received
-        per_id = stats.for_id(self.uuid)
-        per_id.active -= 1
-        per_id.bytes_up += mobile.received
-        per_id.bytes_down += hidden.received
+        hub.relay_ended(mobile)
         logs.event("closed", id=self.uuid, mobile=mobile._peer_text(),
                    bytes_up=mobile.received, bytes_down=hidden.received,
                    duration=f"{hub.loop.time() - mobile.since:.3f}s")
@@ -660,11 +646,8 @@ class Connection(asyncio.Protocol):
         self._close()
 
     def _note_rejection(self, reason: str, status: int | None) -> None:
-        stats = self.hub.stats
         peer = self._peer_text()
-        # Count by kind ("malformed request head"), not by detail, so the counter stays small.
-        stats.rejections[reason.partition(": ")[0]] += 1
-        stats.recent_rejections.append(Rejection(time.time(), reason, status, self.uuid, peer))
+        self.hub.rejected(reason, status, self.uuid, peer)
         logs.event("rejected", reason=reason, status=status or "-", id=self.uuid or "-",
                    peer=peer)
 
@@ -672,6 +655,10 @@ class Connection(asyncio.Protocol):
         """Close a connection that is not relaying (relaying legs close through their peer)."""
         self._release()
         self.transport.close()
+
+    def abort(self) -> None:
+        """Cut the connection at once, unflushed (the end of a shutdown)."""
+        self.transport.abort()
 
     @property
     def address(self) -> str:

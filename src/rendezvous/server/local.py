@@ -40,7 +40,9 @@ STATUS_WRITE_TIMEOUT = 2.0
 class LocalRecords:
     """DATA_DIR/relay.json and the status socket of a relay listening on ``port``."""
 
-    def __init__(self, config: ServerConfig, hub: Hub, port: int, listening: list[str]) -> None:
+    def __init__(
+        self, config: ServerConfig, hub: Hub[Any], port: int, listening: list[str]
+    ) -> None:
         assert config.data_dir is not None
         self.data_dir: Path = config.data_dir
         self.config = config
