@@ -208,9 +208,10 @@ async def serve_until_signalled(config: ServerConfig) -> None:
     """Run the server until SIGINT or SIGTERM, then shut down gracefully (SIGHUP reloads the
     certificate)."""
     server = RendezvousServer(config)
-    await server.start()
     stop = asyncio.Event()
+    # Handlers first: a SIGTERM sent as soon as the port answers must not kill us unlogged.
     with runtime.signals(stop.set, on_reload=server.reload_tls):
+        await server.start()
         try:
             await stop.wait()
         finally:
