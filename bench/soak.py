@@ -10,7 +10,9 @@ seconds, on one asyncio loop in this process:
   sha256 they announce in the response head, plus the upload's digest as a trailer;
 * mobile clients make pairings with random upload and download sizes (0 B to 4 MiB), one in
   five with an injected fault (a reset or an early close of either leg, a stall, a slow reader,
-  an unknown ID); every good pairing's bytes are verified both ways by sha256;
+  an unknown ID); every good pairing's bytes are verified both ways by sha256; some clients
+  pipeline two requests for two IDs in one write on one connection, and each must be answered
+  by its own hidden server;
 * attackers from 127.0.0.2-127.0.0.9 guess TOTP codes for the real IDs (and unknown ones), and
   hold hundreds of slow or half-open connections (TCP with no handshake, half a ClientHello, a
   handshake and no head, a head one line a second, junk).
@@ -132,6 +134,7 @@ class Settings:
     pool: int  # parked connections each hidden server keeps
     workers: int  # concurrent mobile clients
     fault_rate: float
+    cross_id_rate: float  # share of clients pipelining requests for two IDs on one connection
     guessers: int
     slow: int  # slow or half-open attacker connections held at once
     max_pairings: int
@@ -154,6 +157,7 @@ class Results:
     slow_lifetimes: list[float] = field(default_factory=list)
     hidden: Counter[str] = field(default_factory=Counter)
     challenges: int = 0
+    cross_id: int = 0  # pipelined two-ID connections answered right, both ways verified
 
     def fail(self, kind: str, detail: str = "") -> None:
         self.unexpected[kind] += 1
@@ -462,12 +466,13 @@ class Soak:
                 raise
             self.parked[entry.uuid] -= 1
             results.hidden["pairings"] += 1
-            server = self.spawn(self.serve(reader, writer, head, random.Random(rng.random())))
+            server = self.spawn(self.serve(reader, writer, head, random.Random(rng.random()),
+                                           entry.uuid))
             self.servers.add(server)
             server.add_done_callback(self.servers.discard)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    head: bytes, rng: random.Random) -> None:
+                    head: bytes, rng: random.Random, uuid: str) -> None:
         results = self.results
         try:
             line, fields = parse_head(head)
@@ -484,7 +489,7 @@ class Soak:
             if int(fields.get("content-length", "-1")) != up:
                 results.fail("hidden: Content-Length changed", line)
             async with asyncio.timeout(PAIRING_TIMEOUT):
-                await self._serve(reader, writer, fault, up, down, fields, rng)
+                await self._serve(reader, writer, fault, up, down, fields, rng, uuid)
         except TimeoutError:
             results.fail("hidden: pairing timed out", head[:100].decode("latin-1"))
             rst(writer)
@@ -494,7 +499,7 @@ class Soak:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      fault: str, up: int, down: int, fields: dict[str, str],
-                     rng: random.Random) -> None:
+                     rng: random.Random, uuid: str) -> None:
         results = self.results
         if fault == "hidden_early_close":
             await close(writer)
@@ -504,7 +509,8 @@ class Soak:
         if fault == "hidden_stall":
             await asyncio.sleep(rng.uniform(0.5, 2.0))
         writer.write(f"HTTP/1.1 200 OK\r\nContent-Length: {down + 64}\r\n"
-                     f"X-Down-Sha256: {down_sha}\r\nConnection: close\r\n\r\n".encode())
+                     f"X-Down-Sha256: {down_sha}\r\nX-Hidden-Id: {uuid}\r\n"
+                     "Connection: close\r\n\r\n".encode())
 
         async def send_body() -> None:
             limit = down // 2 if fault == "hidden_reset" else down
@@ -565,6 +571,13 @@ class Soak:
         settings = self.settings
         while not self.stopping and self.pairings_begun < settings.max_pairings:
             self.pairings_begun += 1
+            if len(self.entries) > 1 and rng.random() < settings.cross_id_rate:
+                try:
+                    async with asyncio.timeout(PAIRING_TIMEOUT):
+                        await self.cross_id_pairing(rng)
+                except TimeoutError:
+                    self.results.fail("mobile: cross-ID pairing timed out")
+                continue
             fault = "none"
             if rng.random() < settings.fault_rate:
                 fault = rng.choice(GOOD_FAULTS + BAD_FAULTS)
@@ -623,6 +636,55 @@ class Soak:
         finally:
             if not writer.is_closing():
                 rst(writer)
+
+    async def cross_id_pairing(self, rng: random.Random) -> None:
+        """Two requests for two IDs in one write on one connection (as a pooling client that
+        pipelines would send them): each must reach its own hidden server only (its answer
+        names it in X-Hidden-Id), in order, with its bytes verified both ways."""
+        results = self.results
+        plans = []
+        data = bytearray()
+        for entry in rng.sample(self.entries, 2):
+            up, down = min(random_size(rng), 64 * KiB), min(random_size(rng), 256 * KiB)
+            upload = self.payload(rng, up)
+            target = f"/soak?up={up}&down={down}&fault=none&n={self.pairings_begun}"
+            data += (f"POST {target} HTTP/1.1\r\nHost: soak\r\nUser-Agent: soak-pipelined\r\n"
+                     f"Authorization: {authorization(entry.uuid, rng, target)}\r\n"
+                     f"Content-Length: {up}\r\n"
+                     f"X-Up-Sha256: {hashlib.sha256(upload).hexdigest()}\r\n\r\n").encode()
+            data += upload
+            plans.append((entry.uuid, up, down, upload))
+        results.good_started += len(plans)
+        try:
+            reader, writer = await self.open()
+        except (TimeoutError, OSError) as exc:
+            results.fail("mobile: cannot connect", repr(exc))
+            return
+        try:
+            writer.write(bytes(data))
+            for uuid, up, down, upload in plans:
+                answer = await asyncio.wait_for(reader.readuntil(HEAD_END),
+                                                RELAY_PAIR_WAIT + STEP_TIMEOUT)
+                line, fields = parse_head(answer)
+                if not line.startswith("HTTP/1.1 200 "):
+                    raise ValueError(f"answer {line!r}")
+                if fields.get("x-hidden-id") != uuid:
+                    raise ValueError(f"answered by {fields.get('x-hidden-id')}, not {uuid}")
+                body = await asyncio.wait_for(reader.readexactly(down + 64), STEP_TIMEOUT)
+                if hashlib.sha256(body[:down]).hexdigest() != fields.get("x-down-sha256"):
+                    raise ValueError("download corrupted")
+                if body[down:] != hashlib.sha256(upload).hexdigest().encode():
+                    raise ValueError("the hidden server got another upload")
+                results.good_completed += 1
+                results.bytes_verified += up + down
+            if await asyncio.wait_for(reader.read(1), STEP_TIMEOUT):
+                raise ValueError("bytes after the second answer")
+            results.cross_id += 1
+            await close(writer)
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError) as exc:
+            results.fail("mobile: pipelined cross-ID pairing failed", repr(exc))
+            rst(writer)
 
     async def _pairing(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        fault: str, head: bytes, upload: memoryview, up: int, down: int,
@@ -972,6 +1034,7 @@ def build_report(settings: Settings, soak: Soak, relay: Relay, log: dict[str, An
             "all_good_verified": good_failed == 0 and r.good_started == r.good_completed,
             "bytes_verified": r.bytes_verified,
             "digest_challenges_first": r.challenges,
+            "pipelined_cross_id_verified": r.cross_id,
             "latency_ms": {"p50": round(percentile(r.latencies, 0.5) * 1000, 1),
                            "p99": round(percentile(r.latencies, 0.99) * 1000, 1),
                            "max": round(max(r.latencies, default=0) * 1000, 1)},
@@ -1016,7 +1079,9 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  failure: {reason}")
     print(f"  good pairings: {p['good_completed']} of {p['good_started']} completed and verified "
           f"({p['bytes_verified'] / MiB:.1f} MiB checked by sha256), "
-          f"latency p50 {p['latency_ms']['p50']} ms, p99 {p['latency_ms']['p99']} ms")
+          f"latency p50 {p['latency_ms']['p50']} ms, p99 {p['latency_ms']['p99']} ms; "
+          f"{p['pipelined_cross_id_verified']} connections pipelined two IDs, each answered "
+          "by its own hidden server")
     print("  injected faults, expected outcomes:")
     for kind, count in report["faults_expected_outcomes"].items():
         print(f"    {kind}: {count}")
@@ -1053,6 +1118,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--guessers", type=int, default=8, help="token-guessing attackers")
     parser.add_argument("--fault-rate", type=float, default=0.2,
                         help="share of pairings with an injected fault (default: %(default)s)")
+    parser.add_argument("--cross-id-rate", type=float, default=0.1,
+                        help="share of clients pipelining requests for two IDs on one "
+                        "connection (default: %(default)s)")
     parser.add_argument("--max-pairings", type=int, default=100_000,
                         help="stop starting pairings after this many (default: %(default)s)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report here")
@@ -1072,6 +1140,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         pool=4,
         workers=args.workers or (8 if quick else 12),
         fault_rate=args.fault_rate,
+        cross_id_rate=args.cross_id_rate,
         guessers=args.guessers,
         slow=slow,
         max_pairings=args.max_pairings,

@@ -29,6 +29,7 @@ def test_quick_soak_passes_with_every_good_pairing_verified(tmp_path: Path) -> N
     assert pairings["good_completed"] == pairings["good_started"]
     assert pairings["good_failed"] == 0 and pairings["all_good_verified"]
     assert pairings["bytes_verified"] > 0
+    assert pairings["pipelined_cross_id_verified"] > 0  # each request to its own hidden server
     assert report["unexpected_errors"] == {}
     attackers = report["attackers"]
     assert attackers["successes"] == 0

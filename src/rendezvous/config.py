@@ -29,6 +29,9 @@ DEFAULT_MAX_CONNECTIONS = 15_000  # open client connections; the machine allows 
 DEFAULT_MAX_PER_ADDRESS = 512
 # A parked connection unpaired this long is closed; agents recycle theirs sooner (5 min).
 DEFAULT_PARKED_TIMEOUT = 900.0
+# A pairing with no byte either way this long is closed (0: never). Generous: a WebSocket app
+# that pings every few minutes, or a slow hidden server thinking, must not be cut.
+DEFAULT_PAIR_IDLE_TIMEOUT = 600.0
 
 
 # Failed CONNECTs (wrong token, unknown ID) allowed before 429; README.md gives the odds.
@@ -85,6 +88,7 @@ class Limits:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS
     parked_timeout: float = DEFAULT_PARKED_TIMEOUT
+    pair_idle_timeout: float = DEFAULT_PAIR_IDLE_TIMEOUT
     guesses: GuessLimits = field(default_factory=GuessLimits)
 
 

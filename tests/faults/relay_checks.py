@@ -220,15 +220,22 @@ def basic(uuid: str) -> str:
     return "Basic " + base64.b64encode(f"{uuid}:x".encode()).decode()
 
 
+# The hidden leg's answer that makes a paired stream raw bytes both ways (PROTOCOL.md §2).
+SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: raw\r\nConnection: Upgrade\r\n\r\n"
+
+
 def mobile_head(server: ServerThread, entry: Entry, path: str = "/check",
                 extra_headers: str = "") -> bytes:
+    """A request that asks to switch to raw bytes (the hidden leg answers with SWITCHED)."""
     return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
-            f"Authorization: {basic(entry.uuid)}\r\n{extra_headers}\r\n").encode()
+            f"Authorization: {basic(entry.uuid)}\r\nUpgrade: raw\r\nConnection: Upgrade\r\n"
+            f"{extra_headers}\r\n").encode()
 
 
 def pair(server: ServerThread, entry: Entry, extra: bytes = b"",
          source: str | None = None) -> tuple[ssl.SSLSocket, ssl.SSLSocket, bytes]:
-    """Park a hidden leg, pair a mobile leg with it; (mobile, hidden, bytes the hidden leg read
+    """Park a hidden leg, pair a mobile leg with it and switch the stream to raw bytes (the
+    hidden leg answers the Upgrade with a 101); (mobile, hidden, bytes the hidden leg read
     past the forwarded head)."""
     hidden = server.park(entry)
     mobile = server.connect(source=source)
@@ -237,6 +244,8 @@ def pair(server: ServerThread, entry: Entry, extra: bytes = b"",
     end = received.index(HEAD_END) + len(HEAD_END)
     assert received[:end].startswith(b"POST /check HTTP/1.1\r\n"), received[:end]
     assert b"authorization" not in received[:end].lower()
+    hidden.sendall(SWITCHED)
+    assert recv_exactly(mobile, len(SWITCHED)) == SWITCHED
     assert isinstance(mobile, ssl.SSLSocket) and isinstance(hidden, ssl.SSLSocket)
     return mobile, hidden, received[end:]
 

@@ -290,12 +290,20 @@ def test_pairing_forwards_head_without_authorization_and_the_bytes_after_it(
         expected = (b"POST /up HTTP/1.1\r\nHost: r\r\nX-Order: 1\r\nContent-Length: 11\r\n\r\n"
                     b"hello world")
         assert recv_exactly(hidden, len(expected)) == expected
-        # After pairing the stream is raw: a second request goes unchanged to the same server.
-        second = f"GET /2 HTTP/1.1\r\nAuthorization: {basic('someone-else')}\r\n\r\n".encode()
-        mobile.sendall(second)
-        assert recv_exactly(hidden, len(second)) == second
         hidden.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
         assert recv_exactly(mobile, 27) == b"HTTP/1.1 204 No Content\r\n\r\n"
+        # A later request naming the same ID goes to the same server, Authorization stripped.
+        mobile.sendall(f"GET /2 HTTP/1.1\r\nAuthorization: {basic(entry.uuid)}\r\n\r\n"
+                       .encode())
+        assert recv_until(hidden, b"\r\n\r\n") == b"GET /2 HTTP/1.1\r\n\r\n"
+        hidden.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        assert recv_exactly(mobile, 27) == b"HTTP/1.1 204 No Content\r\n\r\n"
+        # One naming another ID never reaches it: answered as a first request (404 here).
+        mobile.sendall(f"GET /3 HTTP/1.1\r\nAuthorization: {basic('someone-else')}\r\n\r\n"
+                       .encode())
+        head, _ = read_response(mobile)
+        assert head.startswith(b"HTTP/1.1 404 ")
+        assert recv_all(hidden) == b""  # closed, having seen nothing more
     hidden.close()
 
 

@@ -40,20 +40,28 @@ def basic(uuid: str) -> str:
     return "Basic " + base64.b64encode(f"{uuid}:x".encode()).decode()
 
 
+# After a 101 the paired stream is raw bytes both ways (PROTOCOL.md §2).
+SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: raw\r\nConnection: Upgrade\r\n\r\n"
+
+
 def pair(server: ServerThread, entry: Entry, extra: bytes = b""
          ) -> tuple[ssl.SSLSocket, ssl.SSLSocket, bytes]:
-    """Park a hidden leg, pair a mobile leg with it; return (mobile, hidden, bytes the hidden
-    leg read past the forwarded head)."""
+    """Park a hidden leg, pair a mobile leg with it by an Upgrade that the hidden leg answers
+    with a 101, so that the stream is raw; return (mobile, hidden, bytes the hidden leg read
+    past the forwarded head)."""
     hidden = server.park(entry)
     mobile = server.connect()
     head = (f"POST /stream HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
-            f"Authorization: {basic(entry.uuid)}\r\n\r\n").encode()
+            f"Authorization: {basic(entry.uuid)}\r\nUpgrade: raw\r\nConnection: Upgrade\r\n"
+            "\r\n").encode()
     mobile.sendall(head + extra)
     received = recv_until(hidden, HEAD_END)
     end = received.index(HEAD_END) + len(HEAD_END)
     forwarded, rest = received[:end], received[end:]
     assert forwarded.startswith(b"POST /stream HTTP/1.1\r\n"), forwarded
     assert b"authorization" not in forwarded.lower(), forwarded
+    hidden.sendall(SWITCHED)
+    assert recv_exactly(mobile, len(SWITCHED)) == SWITCHED
     assert isinstance(mobile, ssl.SSLSocket) and isinstance(hidden, ssl.SSLSocket)
     return mobile, hidden, rest
 
@@ -414,7 +422,7 @@ def test_every_way_of_ending_a_pair_is_accounted(tmp_path: Path, first: str) -> 
         while s.sync(lambda: hub.active_pairs) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert s.sync(lambda: hub.active_pairs) == 0
-        assert s.sync(lambda: hub.stats.bytes_down) == 4
+        assert s.sync(lambda: hub.stats.bytes_down) == len(SWITCHED) + 4
         assert s.open_connections() == 0
 
 

@@ -33,6 +33,7 @@ from rendezvous.config import (
     DEFAULT_MAX_HEAD_SIZE,
     DEFAULT_MAX_HEADERS,
     DEFAULT_MAX_PER_ADDRESS,
+    DEFAULT_PAIR_IDLE_TIMEOUT,
     DEFAULT_PAIR_WAIT,
     DEFAULT_PARKED_TIMEOUT,
     DEFAULT_POOL_SIZE,
@@ -184,6 +185,14 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="close a connection parked unpaired this long (default: %(default)s)",
     )
+    limits.add_argument(
+        "--pair-idle-timeout",
+        type=seconds(allow_zero=True),
+        default=DEFAULT_PAIR_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a pairing with no byte either way this long; 0: never "
+        "(default: %(default)s)",
+    )
     guesses = p.add_argument_group(
         "failed CONNECTs",
         "Wrong tokens and unknown IDs are limited by token buckets, per source address and per "
@@ -213,6 +222,7 @@ def _limits(args: argparse.Namespace) -> Limits:
         max_connections=args.max_connections,
         max_per_address=args.max_per_address,
         parked_timeout=args.parked_timeout,
+        pair_idle_timeout=args.pair_idle_timeout,
         guesses=GuessLimits(
             per_address_burst=args.failures_per_address,
             per_address_interval=args.failure_interval_per_address,

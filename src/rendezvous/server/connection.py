@@ -2,11 +2,15 @@
 
 A connection starts by sending a request head. A ``CONNECT`` makes it a *hidden* leg: once its
 token checks out it is parked in its ID's pool. Any other request makes it a *mobile* leg, which
-takes a parked connection of the ID it names. Paired legs then relay raw bytes both ways.
+takes a parked connection of the ID it names. Paired legs then relay bytes both ways, following
+the HTTP framing of each direction (protocol/framing.py): every later request on the mobile leg
+is routed by its own ``Authorization`` (stripped), and one that names another ID ends the
+pairing once the first hidden server has answered in full, then is served as a first request.
+After a ``101`` both directions are raw.
 
 Everything is callback-driven (an ``asyncio.Protocol``, no task and no buffer per parked
 connection) because a relay holds thousands of idle parked connections and must move bytes with
-as little Python per chunk as possible: the relaying path is two lines in ``data_received``.
+as little Python per chunk as possible: inside a body, ``data_received`` only counts and writes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ from rendezvous import logs
 from rendezvous.errors import RegistryError
 from rendezvous.protocol import digest, responses
 from rendezvous.protocol.digest import VisitorSecret
+from rendezvous.protocol.framing import (
+    FramingError,
+    RequestFramer,
+    ResponseFramer,
+    request_body,
+)
 from rendezvous.protocol.head import (
     HeadError,
     HeadTooLarge,
@@ -68,6 +78,11 @@ FORWARD_RETRY_MAX = 0.25
 # stop reading until the pairing starts (the bytes then flow with back-pressure).
 WAITING_BUFFER_LIMIT = 256 * 1024
 
+# A paired client's bytes held back (a request for another ID waiting for the first hidden
+# server's answers, or bytes after an Upgrade request waiting for its answer): beyond this much,
+# stop reading it until they can go on.
+HELD_BUFFER_LIMIT = 256 * 1024
+
 # A relaying leg being closed gets this long to flush to its peer before it is cut.
 CLOSE_GRACE = 5.0  # the same as the listener's TLS shutdown timeout
 
@@ -89,13 +104,20 @@ class Connection(asyncio.Protocol):
         "buffer",
         "entry",
         "eof",
+        "framer",
         "head",
         "hub",
+        "idle_seen",
+        "idle_since",
+        "idle_timer",
         "kind",
+        "left",
         "peer",
         "peername",
+        "pending",
         "reading_paused",
         "received",
+        "responses",
         "scanned",
         "since",
         "skip",
@@ -127,6 +149,14 @@ class Connection(asyncio.Protocol):
         self.eof = False
         self.reading_paused = False
         self.writing_paused = False
+        # While relaying: how many of the coming bytes are body, passed on by counting alone.
+        self.left = 0
+        self.framer: RequestFramer | None = None  # mobile: its requests' framing
+        self.responses: ResponseFramer | None = None  # hidden: its answers' framing
+        self.pending: RequestHead | HeadError | None = None  # mobile: to serve after the pair
+        self.idle_timer: asyncio.TimerHandle | None = None  # mobile: the pairing's idle check
+        self.idle_seen = 0  # bytes both ways at the last idle check
+        self.idle_since = 0.0
 
     # asyncio callbacks ---------------------------------------------------------------------
 
@@ -162,9 +192,14 @@ class Connection(asyncio.Protocol):
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self.state == RELAYING:  # the hot path
-            self.received += len(data)
-            self.peer.transport.write(data)  # type: ignore[union-attr]
+        if self.state == RELAYING:
+            size = len(data)
+            if size <= self.left:  # the hot path: inside a body (or raw), count and write
+                self.left -= size
+                self.received += size
+                self.peer.transport.write(data)  # type: ignore[union-attr]
+                return
+            self._relay_framed(data)
             return
         self._data_before_relay(data)
 
@@ -198,6 +233,7 @@ class Connection(asyncio.Protocol):
         if self.state == RELAYING:
             self.state = CLOSED
             self._cancel_timer()
+            self._cancel_idle()
             self._relay_leg_lost()
         else:
             self._release()
@@ -284,14 +320,17 @@ class Connection(asyncio.Protocol):
                     return
                 head = parse_head(bytes(self.buffer[:end]), limits.max_headers)
             except HeadError as exc:
-                status = exc.status
-                body = (responses.status_only(status) if isinstance(exc, HeadTooLarge)
-                        else responses.full_error(status, exc.reason, permanent=True, close=True))
-                self._reject(exc.reason, body, status=status)
+                self._refuse_head(exc)
                 return
             del self.buffer[:end]
             self.scanned = 0
             self._dispatch(head)
+
+    def _refuse_head(self, exc: HeadError) -> None:
+        status = exc.status
+        body = (responses.status_only(status) if isinstance(exc, HeadTooLarge)
+                else responses.full_error(status, exc.reason, permanent=True, close=True))
+        self._reject(exc.reason, body, status=status)
 
     def _dispatch(self, head: RequestHead) -> None:
         decision = route(head)
@@ -311,6 +350,12 @@ class Connection(asyncio.Protocol):
             self.state = VERIFYING
             hub.spawn(self._verify(decision))
         elif isinstance(decision, Pair):
+            try:
+                request_body(head)  # its body must be one we can find the end of
+            except FramingError as exc:
+                self._reject(exc.reason, responses.full_error(
+                    400, exc.reason, permanent=True, close=True), status=400)
+                return
             self.uuid = decision.uuid
             self.head = head
             self.since = self.hub.loop.time()
@@ -511,9 +556,10 @@ class Connection(asyncio.Protocol):
         else:
             self._start_relay()
 
-    def _check_visitor(self, secret: VisitorSecret) -> str:
-        """The visitor check of an entry with a visitor password: "ok", "stale", "invalid"."""
-        head = self.head
+    def _check_visitor(self, secret: VisitorSecret, head: RequestHead | None = None) -> str:
+        """The visitor check of an entry with a visitor password: "ok", "stale", "invalid"
+        (of ``head``, by default the request being paired)."""
+        head = head or self.head
         assert head is not None
         authorization = head.header(b"authorization")
         if authorization is None:  # named by ?rendezvous=ID: no credentials at all
@@ -544,13 +590,21 @@ class Connection(asyncio.Protocol):
         holds one): send it ``request`` and every byte read past it, then relay both ways.
         Returns the seconds since the client's head arrived."""
         hub = self.hub
+        head = self.head
+        assert head is not None
+        limits = hub.limits
+        framer = self.framer = RequestFramer(limits.max_head_size, limits.max_headers)
+        framer.begin(head)
+        answers = other.responses = ResponseFramer()
+        answers.expect(head.method)
         other.transport.write(request)
-        self.received = len(request) + len(self.buffer)
-        if self.buffer:
-            other.transport.write(self.buffer)
-        if other.buffer:
+        self.received = len(request)
+        if other.buffer:  # (a hidden server that spoke first: passed on, and followed)
             other.received = len(other.buffer)
             self.transport.write(other.buffer)
+            answers.feed(other.buffer)
+        other.left = answers.take_opaque()
+        buffer = self.buffer
         self.buffer = other.buffer = bytearray()
         now = hub.loop.time()
         latency = now - self.since
@@ -558,11 +612,15 @@ class Connection(asyncio.Protocol):
         self.state = other.state = RELAYING
         self.since = other.since = now
         hub.relay_started(self, other)
+        self._arm_idle()
         for leg in (self, other):
             if leg.reading_paused:
                 leg.reading_paused = False
                 leg.transport.resume_reading()
-        if self.eof:  # a plain-TCP client that half-closed after its request
+        framer.feed(buffer)  # the rest of the first request, and any after it
+        self._pass_requests()
+        # A plain-TCP client that half-closed after its request.
+        if self.eof and self.state == RELAYING:
             if other.transport.can_write_eof():
                 other.transport.write_eof()
             else:
@@ -570,6 +628,177 @@ class Connection(asyncio.Protocol):
         return latency
 
     # Relaying ------------------------------------------------------------------------------
+
+    def _relay_framed(self, data: bytes) -> None:
+        """Bytes past the current run of body bytes: pass on what is body, find where each
+        message ends, route each new request head."""
+        peer = self.peer
+        assert peer is not None
+        left = self.left
+        if left:
+            self.left = 0
+            self.received += left
+            peer.transport.write(data[:left])
+            data = data[left:]
+        answers = self.responses
+        if answers is not None:  # hidden leg: answers pass on at once, then are followed
+            self.received += len(data)
+            peer.transport.write(data)
+            answers.feed(data)
+            self.left = answers.take_opaque()
+            peer._answers_came(answers)
+            return
+        framer = self.framer
+        assert framer is not None
+        framer.feed(data)
+        self._pass_requests()
+
+    def _pass_requests(self) -> None:
+        """Mobile leg: pass on every request the framer has, until one must wait."""
+        framer, peer = self.framer, self.peer
+        assert framer is not None and peer is not None
+        while self.pending is None:
+            try:
+                event = framer.next_event()
+            except HeadError as exc:
+                self._hold(exc)
+                return
+            if event is None:
+                break
+            if isinstance(event, bytes):
+                self.received += len(event)
+                peer.transport.write(event)
+            elif not self._pass_request(event):
+                return
+        if self.pending is None:
+            self.left = framer.take_opaque()
+        if framer.buffered > HELD_BUFFER_LIMIT and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def _pass_request(self, head: RequestHead) -> bool:
+        """A later request on this pairing: pass it on if it is for the same hidden server
+        (names no ID, or this one), else hold it until that server has answered in full."""
+        peer = self.peer
+        assert peer is not None
+        decision = route(head)
+        if isinstance(decision, Pair) and decision.uuid == self.uuid:
+            secret = peer.entry.visitor if peer.entry is not None else None
+            same = secret is None or self._check_visitor(secret, head) == "ok"
+        else:
+            same = isinstance(decision, Challenge)  # no Authorization: the same server
+        if not same:
+            self._hold(head)
+            return False
+        # Another relay node routes by it, and strips it itself.
+        request = head.forwarded(strip_authorization=peer.kind != OUTBOUND)
+        self.head = head
+        self.received += len(request)
+        peer.transport.write(request)
+        assert peer.responses is not None
+        peer.responses.expect(head.method)
+        return True
+
+    def _hold(self, item: RequestHead | HeadError) -> None:
+        """Stop passing on: ``item`` (a request for another ID, or a head we must refuse) is
+        served once every request passed on so far has been answered."""
+        self.pending = item
+        self.left = 0
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        peer = self.peer
+        assert peer is not None and peer.responses is not None
+        self._answers_came(peer.responses)
+
+    def _answers_came(self, answers: ResponseFramer) -> None:
+        """Mobile leg: the hidden server's answers moved on; release what waited for them."""
+        framer = self.framer
+        assert framer is not None
+        # An Upgrade answered with what is not HTTP: a tunnel we cannot follow, raw too.
+        switched = answers.switched or answers.unframed
+        if framer.awaiting_upgrade and (switched or not answers.outstanding):
+            framer.upgrade_answered(switched)
+            if framer.broken:  # raw bytes went on, the Upgrade was refused: lost track
+                logs.event("upgrade refused after raw bytes", id=self.uuid,
+                           mobile=self._peer_text())
+                self._close_leg()
+                return
+            if self.reading_paused and self.pending is None:
+                self.reading_paused = False
+                self.transport.resume_reading()
+            self._pass_requests()
+        elif self.pending is not None and not answers.outstanding:
+            self._serve_pending()
+
+    def _serve_pending(self) -> None:
+        """End this pairing (its hidden server has answered everything it was sent) and serve
+        the held request as a first request: paired anew, or answered here (404, 401, ...)."""
+        item, self.pending = self.pending, None
+        assert item is not None and self.framer is not None
+        rest = self.framer.detach()
+        self._unpair()
+        self.buffer = rest
+        self.scanned = 0
+        if isinstance(item, HeadError):
+            self._refuse_head(item)
+            return
+        if item.method == "CONNECT":
+            self._reject("CONNECT after a request", responses.full_error(
+                400, "CONNECT after a request", permanent=True, close=True), status=400)
+            return
+        self.state = HEAD
+        self._dispatch(item)
+        if self.state == HEAD:
+            self._process_heads()
+
+    def _unpair(self) -> None:
+        """Mobile leg: close the hidden leg (its answers are through) and become unpaired."""
+        hidden = self.peer
+        assert hidden is not None
+        self._cancel_timer()
+        self._cancel_idle()
+        self._account_pair(self, hidden)
+        self.peer = hidden.peer = None
+        self.framer = hidden.responses = None
+        self.left = hidden.left = 0
+        self.head = None
+        hidden.state = CLOSED
+        hidden._cancel_timer()
+        hidden.transport.close()  # a pairing is one-shot: the hidden server parks anew
+        # Its close may wait on bytes it never reads: cut it after a grace, as relaying legs.
+        self.hub.loop.call_later(CLOSE_GRACE, hidden.transport.abort)
+
+    def _arm_idle(self) -> None:
+        timeout = self.hub.limits.pair_idle_timeout
+        if timeout > 0:
+            self.idle_seen = -1
+            self.idle_timer = self.hub.loop.call_later(timeout / 4, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """Every quarter of the idle timeout: close the pairing if no byte moved for all of it."""
+        self.idle_timer = None
+        peer = self.peer
+        if self.state != RELAYING or peer is None:
+            return
+        hub = self.hub
+        now = hub.loop.time()
+        timeout = hub.limits.pair_idle_timeout
+        moved = self.received + peer.received
+        if moved != self.idle_seen:
+            self.idle_seen, self.idle_since = moved, now
+        elif now - self.idle_since >= timeout:
+            logs.event("idle timeout", id=self.uuid, mobile=self._peer_text(),
+                       idle=f"{now - self.idle_since:.1f}s")
+            self._close_leg()
+            peer._close_leg()
+            return
+        self.idle_timer = hub.loop.call_later(timeout / 4, self._idle_check)
+
+    def _cancel_idle(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
 
     def _check_stalled(self) -> None:
         """While our peer's bytes wait for this leg to read them, look now and then whether
@@ -614,8 +843,12 @@ class Connection(asyncio.Protocol):
         if peer.state != CLOSED:
             peer._close_leg()
             return
+        mobile, hidden = (self, peer) if self.framer is not None else (peer, self)
+        self._account_pair(mobile, hidden)
+
+    def _account_pair(self, mobile: Connection, hidden: Connection) -> None:
+        """Count and log a pairing that has ended."""
         hub = self.hub
-        mobile, hidden = (self, peer) if self.head is not None else (peer, self)
         hub.relay_ended(mobile)
         logs.event("closed", id=self.uuid, mobile=mobile._peer_text(),
                    bytes_up=mobile.received, bytes_down=hidden.received,
