@@ -66,24 +66,30 @@ def write_provisioning(doc: dict[str, Any], path: Path | str) -> None:
     Missing parent folders are created (mode 0700). Raises ProvisioningError when the file
     cannot be written.
     """
-    target = Path(path)
-    data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
     try:
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # mkstemp creates the file 0600; a rename then swaps it in whole, so neither a reader nor
-        # a crash ever sees a half-written secret, and an old file's wider mode is not inherited.
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_private_json(doc, path)
     except OSError as exc:
         raise ProvisioningError(
-            f"cannot write provisioning file {target}: {exc.strerror or exc}"
+            f"cannot write provisioning file {path}: {exc.strerror or exc}"
         ) from exc
+
+
+def write_private_json(doc: dict[str, Any], path: Path | str) -> None:
+    """Write ``doc`` as JSON to ``path``, mode 0600, replacing any file there atomically;
+    missing parent folders are made (mode 0700). Raises OSError."""
+    target = Path(path)
+    data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # mkstemp creates the file 0600; a rename then swaps it in whole, so neither a reader nor
+    # a crash ever sees a half-written secret, and an old file's wider mode is not inherited.
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_provisioning(path: Path | str) -> Provisioning:

@@ -18,22 +18,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from rendezvous.config import DEFAULT_PORT, ENV_DATA_DIR, RelayAddress, Store, is_loopback_host
 from rendezvous.errors import ConfigError, ProvisioningError, RegistryError, UnknownEntry
+from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.provisioning import (
     Provisioning,
     default_server_host,
     load_provisioning,
     provisioning_document,
     self_signed_pem,
+    write_private_json,
     write_provisioning,
 )
 from rendezvous.registry import Entry, Registry, open_registry
@@ -143,6 +145,22 @@ def rotating(uuid: str) -> Change:
     return change
 
 
+def set_visitor_password(
+    uuid: str, password: str | None
+) -> Callable[[Registry], Awaitable[Entry]]:
+    """The operation that makes visitors of ``uuid`` log in with ``password`` (None: no check,
+    any password, as node-rendezvous); it returns the changed entry."""
+    secret = VisitorSecret.from_password(uuid, password) if password is not None else None
+
+    async def op(registry: Registry) -> Entry:
+        old = await get_entry(registry, uuid)
+        new = replace(old, visitor=secret, updated=time.time())
+        await registry.replace(new)
+        return new
+
+    return op
+
+
 async def provision(
     registry: Registry, change: Change, relay: RelayAddress, out: Path | None = None
 ) -> tuple[Entry, dict[str, Any]]:
@@ -219,14 +237,9 @@ def remember_relay(data_dir: Path, record: RelayRecord) -> Path:
         "pid": record.pid,
         "started": record.started,
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_private_json(doc, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
 

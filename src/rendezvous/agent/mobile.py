@@ -97,31 +97,35 @@ def base_url(server: tuple[str, int]) -> str:
 
 
 def client(
-    uuid: str, server: tuple[str, int], *, ca_pem: str | None = None, **httpx_kwargs: Any
+    uuid: str, server: tuple[str, int], *, ca_pem: str | None = None, password: str = PASSWORD,
+    **httpx_kwargs: Any,
 ) -> httpx.Client:
     """An ``httpx.Client`` that reaches hidden server ``uuid`` through the relay at ``server``.
 
     Its base URL is the relay (``client.get("/status")``), its credentials Digest with the ID as
-    user name, and it trusts ``ca_pem`` (the relay's self-signed certificate or CA, as in a
-    provisioning file; None: the system's trust store). ``httpx_kwargs`` go to ``httpx.Client``
-    and override these settings.
+    user name and ``password`` (the visitor password of a hidden server that checks visitors),
+    and it trusts ``ca_pem`` (the relay's self-signed certificate or CA, as in a provisioning
+    file; None: the system's trust store). ``httpx_kwargs`` go to ``httpx.Client`` and override
+    these settings.
     """
-    return httpx.Client(**_httpx_settings(uuid, server, ca_pem, httpx_kwargs))
+    return httpx.Client(**_httpx_settings(uuid, server, ca_pem, password, httpx_kwargs))
 
 
 def async_client(
-    uuid: str, server: tuple[str, int], *, ca_pem: str | None = None, **httpx_kwargs: Any
+    uuid: str, server: tuple[str, int], *, ca_pem: str | None = None, password: str = PASSWORD,
+    **httpx_kwargs: Any,
 ) -> httpx.AsyncClient:
     """The ``httpx.AsyncClient`` counterpart of :func:`client`."""
-    return httpx.AsyncClient(**_httpx_settings(uuid, server, ca_pem, httpx_kwargs))
+    return httpx.AsyncClient(**_httpx_settings(uuid, server, ca_pem, password, httpx_kwargs))
 
 
 def _httpx_settings(
-    uuid: str, server: tuple[str, int], ca_pem: str | None, overrides: dict[str, Any]
+    uuid: str, server: tuple[str, int], ca_pem: str | None, password: str,
+    overrides: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         "base_url": base_url(server),
-        "auth": httpx.DigestAuth(uuid, PASSWORD),
+        "auth": httpx.DigestAuth(uuid, password),
         "verify": client_ssl_context(ca_pem),
         **overrides,
     }
@@ -735,14 +739,16 @@ async def open_tunnel(
     ca_pem: str | None = None,
     listen: tuple[str, int] = DEFAULT_LISTEN,
     auth: Auth = "basic",
+    password: str = PASSWORD,
 ) -> Tunnel:
     """Start a :class:`Tunnel` on ``listen`` to hidden server ``uuid`` via the relay at
     ``server``, trusting ``ca_pem`` for the relay (None: the system's trust store).
 
     ``auth`` picks how the tunnel names the ID: ``"basic"`` (one round trip) or ``"digest"``
-    (answers the relay's challenge, as curl --digest does). Close it with ``await tunnel.close()``.
+    (answers the relay's challenge, as curl --digest does); ``password`` is the visitor password
+    of a hidden server that checks visitors. Close it with ``await tunnel.close()``.
     """
-    tunnel = Tunnel(uuid, server, ca_pem=ca_pem, listen=listen, auth=auth)
+    tunnel = Tunnel(uuid, server, ca_pem=ca_pem, listen=listen, auth=auth, password=password)
     await tunnel.start()
     return tunnel
 

@@ -258,12 +258,13 @@ def _get(args: argparse.Namespace) -> int:
 
     host, port = config.server
     relay = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    auth: httpx.Auth = (httpx.DigestAuth(config.uuid, config.password) if config.auth == "digest"
-                        else httpx.BasicAuth(config.uuid, config.password))
+    # Digest is the client's own; Basic goes with the first request, one round trip.
+    basic = ({"auth": httpx.BasicAuth(config.uuid, config.password)}
+             if config.auth == "basic" else {})
     try:
         with (
-            client(config.uuid, config.server, ca_pem=config.ca_pem, timeout=args.timeout,
-                   follow_redirects=args.location, auth=auth) as http,
+            client(config.uuid, config.server, ca_pem=config.ca_pem, password=config.password,
+                   timeout=args.timeout, follow_redirects=args.location, **basic) as http,
             http.stream(method, path, headers=headers, content=body) as response,
         ):
             return _write_response(args, response)

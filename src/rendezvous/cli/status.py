@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,6 @@ from rendezvous.cli.options import Commands, Formatter, err, store, store_option
 from rendezvous.cli.users import one_line
 from rendezvous.errors import ConfigError, RendezvousError
 from rendezvous.registry import Entry, Registry
-
-# The relay answers at once; one that does not within this long is stuck or not ours.
-STATUS_TIMEOUT = 5.0
-# A status document is a few hundred bytes per ID; anything past this is not one.
-MAX_STATUS = 16 * 1024 * 1024
 
 
 def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
@@ -44,35 +38,6 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_status)
 
 
-def ask_relay(path: Path) -> dict[str, Any]:
-    """The status document of the relay listening on the Unix socket ``path``."""
-    chunks: list[bytes] = []
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(STATUS_TIMEOUT)
-            sock.connect(str(path))
-            size = 0
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_STATUS:
-                    raise ConfigError(f"{path} sent more than {MAX_STATUS} bytes: not a relay")
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise ConfigError(f"no relay answers on {path}: is it running?") from None
-    except TimeoutError:
-        raise ConfigError(f"the relay on {path} did not answer within {STATUS_TIMEOUT:g} s") \
-            from None
-    except OSError as exc:
-        raise ConfigError(f"cannot ask the relay on {path}: {exc.strerror or exc}") from None
-    try:
-        found = json.loads(b"".join(chunks))
-        if not isinstance(found, dict) or not isinstance(found.get("ids"), dict):
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"{path} did not answer with a relay's status") from None
-    return found
-
-
 def _status(args: argparse.Namespace) -> int:
     found = store(args)
     path: Path | None = args.socket
@@ -85,6 +50,9 @@ def _status(args: argparse.Namespace) -> int:
             raise ConfigError(f"the relay of {found.data_dir} opened no status socket (see "
                               "its log)")
         path = record.status_socket
+    # Imported here: the relay's side lives there too, beside what it sends.
+    from rendezvous.server.local import ask_relay
+
     status = ask_relay(path)
     labels = _labels(found.registry_url)
     ids: dict[str, dict[str, Any]] = status["ids"]

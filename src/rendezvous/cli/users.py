@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import json
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -252,14 +250,8 @@ def _visitor(args: argparse.Namespace) -> int:
     password: str | None = None if args.off else args.password
     if password is not None and not password:
         raise ConfigError("the visitor password is empty (use --off for no check)")
-    secret = VisitorSecret.from_password(uuid, password) if password is not None else None
-
-    async def op(registry: Registry) -> None:
-        old = await registrar.get_entry(registry, uuid)
-        await registry.replace(dataclasses.replace(old, visitor=secret, updated=time.time()))
-
-    registrar.with_registry(found.registry_url, op)
-    if secret is None:
+    registrar.with_registry(found.registry_url, registrar.set_visitor_password(uuid, password))
+    if password is None:
         print(f"hidden server {uuid}: visitors are no longer checked")
     else:
         print(f"hidden server {uuid}: visitors must now log in (user name {uuid}, the password "

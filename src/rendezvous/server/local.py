@@ -35,6 +35,10 @@ STATUS_SOCKET = "relay-{port}.sock"  # one per listening port: cluster nodes may
 MAX_SOCKET_PATH = 107
 # A `rendezvous status` that stops reading does not hold the relay's socket for long.
 STATUS_WRITE_TIMEOUT = 2.0
+# The relay answers at once; one that does not within this long is stuck or not ours.
+STATUS_TIMEOUT = 5.0
+# A status document is a few hundred bytes per ID; anything past this is not one.
+MAX_STATUS = 16 * 1024 * 1024
 
 
 class LocalRecords:
@@ -132,3 +136,32 @@ async def _unix_server(path: Path, handler: Any) -> asyncio.AbstractServer:
         sock.close()
         raise
     return await asyncio.start_unix_server(handler, sock=sock)
+
+
+def ask_relay(path: Path) -> dict[str, Any]:
+    """The status document of the relay listening on the Unix socket ``path``."""
+    chunks: list[bytes] = []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(STATUS_TIMEOUT)
+            sock.connect(str(path))
+            size = 0
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_STATUS:
+                    raise ConfigError(f"{path} sent more than {MAX_STATUS} bytes: not a relay")
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ConfigError(f"no relay answers on {path}: is it running?") from None
+    except TimeoutError:
+        raise ConfigError(f"the relay on {path} did not answer within {STATUS_TIMEOUT:g} s") \
+            from None
+    except OSError as exc:
+        raise ConfigError(f"cannot ask the relay on {path}: {exc.strerror or exc}") from None
+    try:
+        found = json.loads(b"".join(chunks))
+        if not isinstance(found, dict) or not isinstance(found.get("ids"), dict):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{path} did not answer with a relay's status") from None
+    return found

@@ -1,0 +1,329 @@
+"""The commands an operator runs beside a running relay, each in its own process: files that
+point at the relay that made them, ``rendezvous status``, and visitors with a password through
+``open`` and ``get`` (issue 12)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from harness import PARKED, recv_exactly, recv_until
+from support import free_port, stop_process, wait_for_port
+
+from rendezvous.config import AdminConfig, is_loopback_host
+from rendezvous.protocol.totp import current_token
+from rendezvous.provisioning import Provisioning, load_provisioning
+from rendezvous.tls import client_ssl_context
+
+pytestmark = pytest.mark.timeout(120)
+
+RUN_TIMEOUT = 30.0
+START_TIMEOUT = 20.0
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def rendezvous(*args: str, timeout: float = RUN_TIMEOUT) -> Result:
+    """Run the command in another process, with no RENDEZVOUS_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
+    proc = subprocess.run([sys.executable, "-m", "rendezvous", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False, env=env)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def ok(*args: str) -> Result:
+    result = rendezvous(*args)
+    assert result.code == 0, result.err
+    return result
+
+
+@dataclass
+class Relay:
+    proc: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+    log: Path
+
+    def users(self, *args: str) -> Result:
+        return ok("users", *args, "--data-dir", str(self.data_dir))
+
+
+@contextmanager
+def serve(tmp_path: Path, data_dir: Path, *extra: str, port: int = 0) -> Iterator[Relay]:
+    """``rendezvous serve`` on 127.0.0.1 in another process; stopped (SIGTERM) afterwards."""
+    port = port or free_port()
+    log = tmp_path / f"serve-{port}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rendezvous", "serve", "--host", "127.0.0.1", "--port",
+             str(port), "--data-dir", str(data_dir), "--pair-wait", "0.5", *extra],
+            stdout=sink, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for_port("127.0.0.1", port, START_TIMEOUT, proc)
+        wait_for_text(log, "recorded public address")
+        yield Relay(proc, port, data_dir, log)
+    finally:
+        stop_process(proc)
+
+
+def wait_for_text(log: Path, text: str) -> None:
+    for _ in range(200):
+        if text in log.read_text():
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError(f"{text!r} not in {log}: {log.read_text()}")
+
+
+def park(prov: Provisioning, port: int | None = None) -> ssl.SSLSocket:
+    """Park one connection with ``prov`` (at its own port unless told another)."""
+    context = client_ssl_context(prov.ca_pem)
+    raw = socket.create_connection(("127.0.0.1", port or prov.port), timeout=5)
+    sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    token = current_token(prov.base32, prov.step, prov.digits)
+    sock.sendall(f"CONNECT uuid:{prov.uuid}?response={token} HTTP/1.1\r\n\r\n".encode())
+    assert recv_exactly(sock, len(PARKED)) == PARKED
+    return sock
+
+
+def answer_once(hidden: ssl.SSLSocket, body: bytes = b"hello\n") -> threading.Thread:
+    """A thread that reads one request on the parked ``hidden`` and answers ``body``."""
+
+    def run() -> None:
+        with hidden:
+            recv_until(hidden, b"\r\n\r\n")
+            hidden.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                           % len(body) + body)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def warnings(result: Result) -> list[str]:
+    return [line for line in result.err.splitlines() if "warning" in line]
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def test_files_point_at_the_relay_that_made_them(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with serve(tmp_path, data, "--server-host", "127.0.0.1") as relay:
+        # The start hint says what files will say, where that is recorded, how to change it.
+        banner = relay.log.read_text()
+        assert f"provisioning files will say: server 127.0.0.1:{relay.port}" in banner
+        assert str((data / "relay.json").resolve()) in banner and "--public-host NAME" in banner
+        cert = (data / "cert.pem").read_text()
+
+        # No flags: the port the relay listens on (not 8899) and its certificate.
+        added = relay.users("add", "--uuid", "a")
+        a = load_provisioning(data / "provision" / "a.json")
+        assert (a.host, a.port, a.ca_pem) == ("127.0.0.1", relay.port, cert)
+        assert "relay.json" in added.out
+        # The host came from the relay's record: say how to give the public name.
+        assert any("--public-host NAME" in w for w in warnings(added)), added.err
+        park(a).close()
+
+        # Given flags: kept by a later rotation without flags (issue 10's bug).
+        given = relay.users("add", "--uuid", "b", "--server-host", "127.0.0.1",
+                            "--server-port", "18901")
+        assert not any("pass --server-host" in w or "--server-host NAME" in w
+                       for w in warnings(given)), given.err
+        assert any("public name" in w for w in warnings(given)), given.err
+        b = load_provisioning(data / "provision" / "b.json")
+        assert (b.host, b.port) == ("127.0.0.1", 18901)
+        rotated = relay.users("rotate", "b")
+        b2 = load_provisioning(data / "provision" / "b.json")
+        assert (b2.host, b2.port, b2.ca_pem) == ("127.0.0.1", 18901, b.ca_pem)
+        assert b2.base32 != b.base32
+        assert "as in the file it replaces" in rotated.out
+
+        relay.users("rotate", "a")
+        a2 = load_provisioning(data / "provision" / "a.json")
+        assert (a2.host, a2.port) == ("127.0.0.1", relay.port)
+        park(a2).close()
+    # Remembered, not re-guessed, after the relay stops.
+    relay.users("add", "--uuid", "c")
+    c = load_provisioning(data / "provision" / "c.json")
+    assert (c.host, c.port) == ("127.0.0.1", relay.port)
+
+
+def test_a_file_made_before_the_first_start_carries_the_relays_certificate(
+        tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    port = free_port()
+    made = ok("users", "add", "--uuid", "early", "--data-dir", str(data), "--server-port",
+              str(port))
+    early = load_provisioning(data / "provision" / "early.json")
+    assert early.ca_pem is not None and "made now" in made.out
+    assert early.port == port
+    with serve(tmp_path, data, port=port) as relay:
+        served = ssl.get_server_certificate(("127.0.0.1", relay.port))
+        assert served.strip() == early.ca_pem.strip()
+        park(early).close()  # the file as written, its pinned CA and all
+
+
+def test_a_broken_relay_record_is_a_clear_error(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "relay.json").write_text('{"host": "x"}')
+    result = rendezvous("users", "add", "--data-dir", str(data))
+    assert result.code == 2
+    assert "relay.json is not a relay record" in result.err
+    assert "delete it" in result.err
+
+
+def test_one_loopback_rule() -> None:
+    for host in ("localhost", "LOCALHOST.", "hub.localhost", "127.0.0.1", "127.9.8.7", "::1",
+                 "[::1]", "localhost.localdomain"):
+        assert is_loopback_host(host), host
+    for host in ("", "0.0.0.0", "::", "example.com", "localhost.example.com", "10.0.0.1"):
+        assert not is_loopback_host(host), host
+    AdminConfig(host="admin.localhost")  # no password needed on a loopback name
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def test_status_shows_what_the_relay_holds_per_id(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with serve(tmp_path, data, "--server-host", "127.0.0.1") as relay:
+        relay.users("add", "--uuid", "porch-hub", "--label", "porch")
+        relay.users("add", "--uuid", "shed-hub", "--label", "shed")
+        prov = load_provisioning(data / "provision" / "porch-hub.json")
+        with contextlib.ExitStack() as sockets:
+            parked = [sockets.enter_context(park(prov)) for _ in range(2)]
+            # One pairing held open: a visitor whose request the hidden server never answers.
+            visitor = sockets.enter_context(client_ssl_context(prov.ca_pem).wrap_socket(
+                socket.create_connection(("127.0.0.1", relay.port), timeout=5),
+                server_hostname="127.0.0.1"))
+            visitor.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic "
+                            b"cG9yY2gtaHViOng=\r\n\r\n")  # porch-hub:x
+            paired = [s for s in parked if _readable(s)]
+            assert len(paired) == 1
+
+            shown = ok("status", "--data-dir", str(data))
+            lines = shown.out.splitlines()
+            assert lines[0].startswith("relay on 127.0.0.1:"), shown.out
+            assert "1 parked, 1 active" in lines[0], shown.out
+            assert lines[1].split() == ["ID", "LABEL", "PARKED", "ACTIVE", "PAIRINGS", "BYTES",
+                                        "LAST", "SEEN"]
+            porch = next(line for line in lines if line.startswith("porch-hub"))
+            assert porch.split()[1:5] == ["porch", "1", "1", "1"] and "s ago" in porch
+            shed = next(line for line in lines if line.startswith("shed-hub"))
+            assert shed.split()[1:5] == ["shed", "0", "0", "0"] and shed.endswith("never")
+
+            doc = json.loads(ok("status", "--json", "--data-dir", str(data)).out)
+            porch_numbers = doc["ids"]["porch-hub"]
+            assert (porch_numbers["parked"], porch_numbers["active"]) == (1, 1)
+            assert porch_numbers["label"] == "porch" and doc["pid"] == relay.proc.pid
+        socket_file = Path(json.loads((data / "relay.json").read_text())["status"])
+        assert socket_file.exists() and socket_file.stat().st_mode & 0o077 == 0
+    gone = rendezvous("status", "--data-dir", str(data))
+    assert gone.code == 2 and "no relay answers" in gone.err
+    assert not socket_file.exists()
+    never = rendezvous("status", "--data-dir", str(tmp_path / "other"))
+    assert never.code == 2 and "no relay has started" in never.err
+
+
+def _readable(sock: ssl.SSLSocket) -> bool:
+    """Whether the relay sent ``sock`` something (the visitor's request) within a moment."""
+    sock.settimeout(1.0)
+    try:
+        return bool(sock.recv(4096))
+    except TimeoutError:
+        return False
+    finally:
+        sock.settimeout(5.0)
+
+
+# ---------------------------------------------------------------------------- visitors
+
+
+def test_open_and_get_log_in_with_the_visitor_password(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with serve(tmp_path, data, "--server-host", "127.0.0.1") as relay:
+        relay.users("add", "--uuid", "v", "--visitor-password", "s3cret")
+        config = str(data / "provision" / "v.json")
+        prov = load_provisioning(config)
+        assert "visitors: checked" in relay.users("show", "v").out
+
+        hidden = park(prov)
+        refused = rendezvous("get", "v", "/", "--config", config)
+        assert refused.code == 1 and "401" in refused.err and "--visitor-password" in refused.err
+        for auth in ("digest", "basic"):
+            served = answer_once(hidden, f"via {auth}\n".encode())
+            got = rendezvous("get", "v", "/", "--config", config, "--auth", auth,
+                             "--visitor-password", "s3cret")
+            assert (got.code, got.out) == (0, f"via {auth}\n"), got.err
+            served.join(5)
+            hidden = park(prov)
+
+        for auth in ("basic", "digest"):
+            tunnel = subprocess.Popen(
+                [sys.executable, "-m", "rendezvous", "open", "v", "--config", config,
+                 "--listen", "127.0.0.1:0", "--auth", auth, "--visitor-password", "s3cret"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            try:
+                assert tunnel.stdout is not None
+                url = re.search(r"open (http://\S+) ", tunnel.stdout.readline().decode())
+                assert url, "open printed no URL"
+                served = answer_once(hidden, f"tunnel {auth}\n".encode())
+                answer = requests.get(url.group(1) + "/", timeout=10)
+                assert (answer.status_code, answer.text) == (200, f"tunnel {auth}\n")
+                served.join(5)
+                hidden = park(prov)
+            finally:
+                stop_process(tunnel)  # type: ignore[arg-type]
+                if tunnel.stdout is not None:
+                    tunnel.stdout.close()
+        hidden.close()
+
+        relay.users("visitor", "v", "--off")
+        assert "visitors: not checked" in relay.users("show", "v").out
+
+
+def test_the_admin_form_sets_a_visitor_password_and_8_digits(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    admin_port = free_port()
+    with serve(tmp_path, data, "--admin", f"127.0.0.1:{admin_port}") as relay:
+        wait_for_port("127.0.0.1", admin_port, START_TIMEOUT, relay.proc)
+        base = f"http://127.0.0.1:{admin_port}"
+        with requests.Session() as client:
+            page = client.get(base + "/", timeout=10)
+            assert re.search(r'<option value="8" selected>', page.text), "8 digits by default"
+            assert 'name="visitor_password"' in page.text
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+            assert csrf
+            made = client.post(base + "/create", data={
+                "csrf": csrf.group(1), "label": "door", "step": "30", "digits": "8",
+                "visitor_password": "open sesame"}, allow_redirects=False, timeout=10)
+            assert made.status_code == 303, made.text
+            doc = client.get(base + made.headers["Location"].replace(
+                "/entry", "/provisioning.json"), timeout=10).json()
+        # The page's files point at this relay: its recorded host, the port it listens on.
+        record = json.loads((data / "relay.json").read_text())
+        assert (doc["server"]["host"], doc["server"]["port"]) == (record["host"], relay.port)
+        assert doc["authParams"]["digits"] == 8
+        shown = relay.users("show", doc["uuid"])
+        assert "visitors: checked" in shown.out and "digits:   8" in shown.out
