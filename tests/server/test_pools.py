@@ -113,3 +113,24 @@ def test_sweeper_closes_the_oldest_even_after_newer_ones_paired(tmp_path: Path) 
         server.wait_parked(entry.uuid, 0)
         for sock in (old, *newer):
             sock.close()
+
+
+def test_visitor_is_served_by_the_live_connection_not_the_abandoned_one(
+        tmp_path: Path) -> None:
+    # Measured with FIFO pools: a hidden server parked a second connection while its first sat
+    # open and unread; the next visitor was paired with the abandoned one and hung.
+    with running_server(tmp_path, settle=0.0) as server:
+        entry = server.add_entry()
+        abandoned = server.park(entry, source=REAL)
+        live = server.park(entry, source=REAL)
+        server.wait_parked(entry.uuid, 2)
+        with server.connect(timeout=2) as mobile:
+            mobile.sendall(f"GET / HTTP/1.1\r\nAuthorization: {basic(entry.uuid)}\r\n\r\n"
+                           .encode())
+            live.settimeout(2)
+            assert recv_until(live, b"\r\n\r\n").startswith(b"GET / HTTP/1.1\r\n")
+            live.sendall(REPLY)
+            assert recv_exactly(mobile, len(REPLY)) == REPLY  # within the 2 s timeout
+        assert server.parked(entry.uuid) == 1  # the abandoned one waits for its sweep
+        abandoned.close()
+        live.close()

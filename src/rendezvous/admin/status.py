@@ -1,8 +1,9 @@
 """Live numbers of the relay in this process, read from its hub when a page asks for them.
 
 Nothing here runs unless a browser polls: no timer, and no work in the relay's byte path. Totals
-of bytes are kept by the hub when a pairing closes; the bytes of pairings still open are read
-from their connections here, so a long transfer shows while it runs.
+of bytes are kept by the hub when a pairing closes; the bytes of pairings still open come from
+``Hub.bytes_in_flight`` (never from connections directly), so a long transfer shows while it
+runs.
 """
 
 from __future__ import annotations

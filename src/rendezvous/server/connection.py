@@ -506,7 +506,7 @@ class Connection(asyncio.Protocol):
         self._cancel_timer()
         assert self.head is not None
         self._link(outbound, self.head.forwarded(strip_authorization=False))
-        hub.forwarded(self.uuid)
+        hub.forwarded()
         logs.event("forwarded", id=self.uuid, mobile=self._peer_text(), node=node)
         return True
 

@@ -377,8 +377,8 @@ class Hub(Generic[L]):
         stats.pairing_latency.observe(latency)
         stats.for_id(uuid).pairings += 1
 
-    def forwarded(self, uuid: str) -> None:
-        """Count a mobile client of ``uuid`` handed to another node of the cluster."""
+    def forwarded(self) -> None:
+        """Count a mobile client handed to another node of the cluster."""
         self.stats.forwarded += 1
 
     def relay_started(self, mobile: L, other: L) -> None:
