@@ -212,3 +212,13 @@ def test_close_parked_of_one_id_or_all(loop: asyncio.AbstractEventLoop) -> None:
     assert a.evicted == ["revoked"] and hub.parked_ids() == {"B"}
     assert hub.close_parked() == 1 and b.evicted == ["shutting down"]
     assert hub.parked_count() == 0
+
+
+def test_sweeper_drops_expired_code_claims(loop: asyncio.AbstractEventLoop) -> None:
+    hub = make_hub(loop)
+    park(hub, uuid="A", code="111111")
+    park(hub, uuid="B", code="222222")
+    hub._codes[("A", "111111")] = ("127.0.0.2", loop.time() - 1)  # its window is over
+    hub.start_sweeping()
+    hub.stop_sweeping()
+    assert set(hub._codes) == {("B", "222222")}
