@@ -5,7 +5,17 @@
     │   ├── UnknownEntry           no entry with that ID
     │   └── DuplicateEntry         an entry with that ID already exists
     ├── ConfigError                a setting or file the user gave is unusable
-    └── ProvisioningError          a provisioning file is malformed
+    ├── ProvisioningError          a provisioning file is malformed
+    ├── HeadError                  a peer's request head cannot be served (``status``)
+    │   ├── MalformedHead          400: not a valid HTTP/1.x request head
+    │   │   └── BareLineFeed       400: lines end in LF alone, not CRLF
+    │   └── HeadTooLarge           431: over a size limit
+    │       ├── HeadTooLong        431: more bytes than max_head_size
+    │       └── TooManyHeaders     431: more header lines than max_headers
+    └── RelayError                 an agent could not use the relay
+        ├── RelayUnreachable       mobile: no TCP/TLS connection, or it broke
+        ├── RelayRefused           mobile: the relay answered instead of pairing
+        └── ParkFailed             hidden: a CONNECT did not park
 """
 
 
@@ -39,3 +49,70 @@ class ConfigError(RendezvousError):
 
 class ProvisioningError(RendezvousError):
     """A provisioning file is missing fields or malformed."""
+
+
+class HeadError(RendezvousError):
+    """The peer's head cannot be served; ``status`` is the HTTP status to answer with."""
+
+    status = 400
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class MalformedHead(HeadError):
+    """Not a valid HTTP/1.x request head."""
+
+    status = 400
+
+
+class BareLineFeed(MalformedHead):
+    """The head's lines end in a bare LF (RFC 9112 §2.2 lets a server refuse them, and we
+    pass heads on as CRLF only): answered at once instead of waiting for a CRLF blank line."""
+
+
+class HeadTooLarge(HeadError):
+    """The head is longer than the size limit, or has more header lines than allowed."""
+
+    status = 431
+
+
+class HeadTooLong(HeadTooLarge):
+    """The head is longer than ``max_head_size``."""
+
+
+class TooManyHeaders(HeadTooLarge):
+    """The head has more header lines than ``max_headers``."""
+
+
+class RelayError(RendezvousError):
+    """An agent (hidden or mobile) could not use the relay; the text says why."""
+
+
+class RelayUnreachable(RelayError):
+    """The relay could not be reached, or its TLS handshake failed; the text says which."""
+
+
+class RelayRefused(RelayError):
+    """The relay answered before pairing with something other than what the tunnel expects;
+    ``data`` is that answer, to pass on to the local client."""
+
+    def __init__(self, data: bytes, status: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.data = data
+        self.status = status
+        self.reason = reason
+
+
+class ParkFailed(RelayError):
+    """A CONNECT that did not park; ``refused`` when the relay said no (not the network),
+    ``retry_after`` the seconds a 429 asked us to wait."""
+
+    def __init__(
+        self, reason: str, *, refused: bool = False, retry_after: float | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.refused = refused
+        self.retry_after = retry_after

@@ -489,7 +489,9 @@ def test_any_bytes_at_a_live_relay_get_an_error_or_a_close(
             if answer:
                 assert answer.startswith(b"HTTP/1.1 ") and answer[9:12].isdigit(), answer[:80]
             if mode == "open" and HEAD_END not in data:
-                if len(data) > LIVE_MAX_HEAD:
+                if b"\n\n" in data[:LIVE_MAX_HEAD]:  # a bare-LF blank line: refused at once
+                    assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+                elif len(data) > LIVE_MAX_HEAD:
                     assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
                 elif data:
                     assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]

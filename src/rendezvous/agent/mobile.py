@@ -42,13 +42,7 @@ from rendezvous.config import (
     DEFAULT_VISITOR_PASSWORD,
 )
 from rendezvous.protocol import responses
-from rendezvous.protocol.head import (
-    HeadError,
-    HeadTooLarge,
-    RequestHead,
-    find_head_end,
-    parse_head,
-)
+from rendezvous.protocol.head import NEED_MORE, HeadError, HeadReader, HeadTooLarge, RequestHead
 from rendezvous.tls import client_ssl_context
 
 Auth = Literal["basic", "digest"]
@@ -466,20 +460,16 @@ class _Pairing:
     async def _read_first_head(self) -> tuple[RequestHead, bytes] | None:
         """The local client's first head and the bytes read past it; None after answering
         (or dropping) a client that sent no usable head."""
-        buffer = bytearray()
-        scanned = 0
+        reader = HeadReader(MAX_HEAD_SIZE, MAX_HEADERS)
         try:
             async with asyncio.timeout(LOCAL_HEAD_TIMEOUT):
-                while (end := find_head_end(buffer, MAX_HEAD_SIZE, scanned)) < 0:
-                    scanned = len(buffer)
+                while (head := reader.next_head()) is NEED_MORE:
                     data = await self.local_reader.read(READ_CHUNK)
                     if not data:
                         return None  # a spare connection, closed unused
-                    buffer += data
-            head = parse_head(bytes(buffer[:end]), MAX_HEADERS)
-            self.up += end
+                    reader.receive(data)
         except TimeoutError:
-            if buffer:
+            if reader.trailing:
                 await self._local_error(408, "request head timeout", responses.status_only(408))
             return None
         except (ConnectionError, OSError):
@@ -489,12 +479,14 @@ class _Pairing:
                       responses.full_error(exc.status, exc.reason, permanent=True, close=True))
             await self._local_error(exc.status, exc.reason, answer)
             return None
+        rest = bytes(reader.take_trailing())
         if head.method == "CONNECT":
             reason = "CONNECT cannot go through a tunnel: it already leads to one hidden server"
             await self._local_error(
                 405, reason, responses.full_error(405, reason, permanent=True, close=True))
             return None
-        return head, bytes(buffer[end:])
+        self.up += reader.head_size
+        return head, rest
 
     async def _local_error(self, status: int, reason: str, answer: bytes) -> None:
         logs.event("rejected", level=logging.WARNING, status=status, peer=self.peer,

@@ -1,39 +1,54 @@
-"""Reading one HTTP/1.1 request head from an untrusted peer.
+"""Reading HTTP/1.1 request heads from an untrusted peer, in the manner of h11.
 
-We find where the head ends ourselves (the first blank line) and hand exactly those bytes to
-llhttp (through httptools) to parse; everything after the head is returned untouched, because it
-belongs to the hidden server (a POST body, a WebSocket frame sent with the Upgrade).
+:class:`HeadReader` is fed bytes as they arrive and answers with the next complete
+:class:`RequestHead` or :data:`NEED_MORE`; every limit is applied as the bytes come, each breach
+raising its own :class:`~rendezvous.errors.HeadError` (which carries the HTTP status to answer).
+The bytes read past a head stay in the reader as :attr:`HeadReader.trailing`, untouched, because
+they belong to the hidden server (a POST body, a WebSocket frame sent with the Upgrade): the
+never-lose-the-body rule lives here and nowhere else.
+
+We find where a head ends ourselves (the first CRLF blank line) and hand exactly those bytes to
+llhttp (through httptools) to parse.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+from typing import Final
 
 import httptools
 
+from rendezvous.config import DEFAULT_MAX_HEAD_SIZE, DEFAULT_MAX_HEADERS
+from rendezvous.errors import (
+    BareLineFeed,
+    HeadError,
+    HeadTooLarge,
+    HeadTooLong,
+    MalformedHead,
+    TooManyHeaders,
+)
+
+__all__ = [
+    "HEAD_END",
+    "NEED_MORE",
+    "BareLineFeed",
+    "HeadError",
+    "HeadReader",
+    "HeadTooLarge",
+    "HeadTooLong",
+    "MalformedHead",
+    "NeedMore",
+    "RequestHead",
+    "TooManyHeaders",
+    "find_head_end",
+    "parse_head",
+]
+
 HEAD_END = b"\r\n\r\n"
-
-
-class HeadError(Exception):
-    """The peer's head cannot be served; ``status`` is the HTTP status to answer with."""
-
-    status = 400
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class MalformedHead(HeadError):
-    """Not a valid HTTP/1.x request head."""
-
-    status = 400
-
-
-class HeadTooLarge(HeadError):
-    """The head is longer than the size limit, or has more header lines than allowed."""
-
-    status = 431
+# A blank line ended by a bare LF ("\n\n", or "\r\n\n"): a client that thinks its head is
+# complete, though it will never send the CRLF blank line we wait for.
+_BARE_LF_END = b"\n\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +115,7 @@ class _Collector:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(self.headers) >= self.max_headers:
-            raise HeadTooLarge("too many header lines")
+            raise TooManyHeaders("too many header lines")
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -116,11 +131,11 @@ def find_head_end(buffer: bytes | bytearray, max_head_size: int, search_from: in
     index = buffer.find(HEAD_END, max(0, search_from - len(HEAD_END) + 1))
     if index < 0:
         if len(buffer) > max_head_size:
-            raise HeadTooLarge(f"request head longer than {max_head_size} bytes")
+            raise HeadTooLong(f"request head longer than {max_head_size} bytes")
         return -1
     end = index + len(HEAD_END)
     if end > max_head_size:
-        raise HeadTooLarge(f"request head longer than {max_head_size} bytes")
+        raise HeadTooLong(f"request head longer than {max_head_size} bytes")
     return end
 
 
@@ -151,3 +166,104 @@ def parse_head(data: bytes, max_headers: int) -> RequestHead:
         headers=tuple(collector.headers),
         keep_alive=bool(parser.should_keep_alive()),
     )
+
+
+class NeedMore(enum.Enum):
+    """The type of :data:`NEED_MORE` (an enum, so ``is NEED_MORE`` narrows for type checkers)."""
+
+    NEED_MORE = "need more"
+
+    def __repr__(self) -> str:
+        return "NEED_MORE"
+
+
+NEED_MORE: Final = NeedMore.NEED_MORE
+"""What :meth:`HeadReader.feed` returns while no complete head is buffered: feed more bytes."""
+
+
+class HeadReader:
+    """Request heads out of a byte stream, one at a time, with the relay's limits applied.
+
+    ``feed(data)`` adds bytes and returns the next complete head, or :data:`NEED_MORE`. What was
+    read past that head stays in :attr:`trailing` (a body, a pipelined request) until the caller
+    takes it (:meth:`take_trailing`: it belongs to the hidden server) or asks for the next head
+    (``feed()``, after :meth:`skip` of the body of a request it answered itself). A
+    :class:`~rendezvous.errors.HeadError` means the peer cannot be served: answer its
+    ``status`` and close.
+
+    The reader searches only bytes it has not searched before, so a head arriving in many small
+    reads costs no more than one arriving whole.
+    """
+
+    __slots__ = ("_buffer", "_scanned", "_skip", "head_size", "max_head_size", "max_headers")
+
+    def __init__(self, max_head_size: int = DEFAULT_MAX_HEAD_SIZE,
+                 max_headers: int = DEFAULT_MAX_HEADERS) -> None:
+        self.max_head_size = max_head_size
+        self.max_headers = max_headers
+        self._buffer = bytearray()
+        self._scanned = 0  # how much of the buffer was searched for the head's end
+        self._skip = 0  # body bytes of an answered request still to discard
+        self.head_size = 0  # bytes of the last head returned, blank line included
+
+    def feed(self, data: bytes = b"") -> RequestHead | NeedMore:
+        """Add ``data`` (may be empty) and return the next complete head, or NEED_MORE.
+
+        Raises HeadTooLong, TooManyHeaders, BareLineFeed or MalformedHead (all HeadError).
+        """
+        if data:
+            self._buffer += data
+        return self.next_head()
+
+    def receive(self, data: bytes) -> None:
+        """Buffer ``data`` without looking for a head (while the caller cannot answer one, or
+        once the bytes are a body on its way to the hidden server)."""
+        self._buffer += data
+
+    def next_head(self) -> RequestHead | NeedMore:
+        """The next complete head in what was fed, or NEED_MORE (raises as :meth:`feed`)."""
+        buffer = self._buffer
+        if self._skip:
+            dropped = min(self._skip, len(buffer))
+            self._skip -= dropped
+            del buffer[:dropped]
+        if self._skip or not buffer:
+            return NEED_MORE
+        scanned = self._scanned
+        too_long: HeadTooLong | None = None
+        try:
+            end = find_head_end(buffer, self.max_head_size, scanned)
+        except HeadTooLong as exc:
+            end, too_long = -1, exc
+        # A bare-LF blank line counts only inside the head (a body may hold "\n\n") and within
+        # the size limit, so the answer does not depend on how the bytes were split into reads.
+        bound = end if end >= 0 else min(len(buffer), self.max_head_size)
+        if buffer.find(_BARE_LF_END, max(0, scanned - 1), bound) >= 0:
+            raise BareLineFeed("request head lines must end in CRLF, not a bare LF")
+        if too_long is not None:
+            raise too_long
+        if end < 0:
+            self._scanned = len(buffer)
+            return NEED_MORE
+        head = parse_head(bytes(buffer[:end]), self.max_headers)
+        del buffer[:end]
+        self._scanned = 0
+        self.head_size = end
+        return head
+
+    def skip(self, count: int) -> None:
+        """Discard the next ``count`` bytes (the body of a request answered without the hidden
+        server) before looking for the next head."""
+        self._skip += count
+
+    @property
+    def trailing(self) -> bytearray:
+        """The bytes fed and not yet consumed: past the last head returned, or of a head still
+        incomplete. Read-only to callers; :meth:`take_trailing` hands them on."""
+        return self._buffer
+
+    def take_trailing(self) -> bytearray:
+        """Return :attr:`trailing` and start over with an empty buffer."""
+        taken, self._buffer = self._buffer, bytearray()
+        self._scanned = 0
+        return taken

@@ -32,13 +32,7 @@ from rendezvous.protocol.framing import (
     ResponseFramer,
     request_body,
 )
-from rendezvous.protocol.head import (
-    HeadError,
-    HeadTooLarge,
-    RequestHead,
-    find_head_end,
-    parse_head,
-)
+from rendezvous.protocol.head import NEED_MORE, HeadError, HeadReader, HeadTooLarge, RequestHead
 from rendezvous.protocol.routing import (
     DIAG_EARLY_DATA,
     DIAG_INVALID,
@@ -101,7 +95,6 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "__weakref__",
-        "buffer",
         "entry",
         "eof",
         "framer",
@@ -115,12 +108,11 @@ class Connection(asyncio.Protocol):
         "peer",
         "peername",
         "pending",
+        "reader",
         "reading_paused",
         "received",
         "responses",
-        "scanned",
         "since",
-        "skip",
         "state",
         "timer",
         "tls",
@@ -135,9 +127,8 @@ class Connection(asyncio.Protocol):
         self.tls = False
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
         self.state = HEAD
-        self.buffer = bytearray()
-        self.scanned = 0  # how much of buffer was searched for the head's end
-        self.skip = 0  # body bytes of a refused request still to discard
+        # Heads, then (as its trailing bytes) what came after the request head until pairing.
+        self.reader = HeadReader(hub.limits.max_head_size, hub.limits.max_headers)
         self.timer: asyncio.TimerHandle | None = None
         self.head: RequestHead | None = None
         self.uuid = ""
@@ -290,11 +281,11 @@ class Connection(asyncio.Protocol):
     def _data_before_relay(self, data: bytes) -> None:
         state = self.state
         if state == HEAD:
-            self.buffer += data
+            self.reader.receive(data)
             self._process_heads()
         elif state in (WAITING, SETTLING):
-            self.buffer += data
-            if len(self.buffer) > WAITING_BUFFER_LIMIT and not self.reading_paused:
+            self.reader.receive(data)
+            if len(self.reader.trailing) > WAITING_BUFFER_LIMIT and not self.reading_paused:
                 self.reading_paused = True
                 self.transport.pause_reading()
         elif state == VERIFYING:
@@ -306,24 +297,14 @@ class Connection(asyncio.Protocol):
 
     def _process_heads(self) -> None:
         """Handle every complete head in the buffer (a client may pipeline its retry)."""
-        limits = self.hub.limits
-        while self.state == HEAD and self.buffer and not self.writing_paused:
-            if self.skip:
-                dropped = min(self.skip, len(self.buffer))
-                self.skip -= dropped
-                del self.buffer[:dropped]
-                continue
+        while self.state == HEAD and not self.writing_paused:
             try:
-                end = find_head_end(self.buffer, limits.max_head_size, self.scanned)
-                if end < 0:
-                    self.scanned = len(self.buffer)
-                    return
-                head = parse_head(bytes(self.buffer[:end]), limits.max_headers)
+                head = self.reader.next_head()
             except HeadError as exc:
                 self._refuse_head(exc)
                 return
-            del self.buffer[:end]
-            self.scanned = 0
+            if head is NEED_MORE:
+                return
             self._dispatch(head)
 
     def _refuse_head(self, exc: HeadError) -> None:
@@ -336,7 +317,7 @@ class Connection(asyncio.Protocol):
         decision = route(head)
         if isinstance(decision, Park):
             self.uuid = decision.uuid
-            if self.buffer:
+            if self.reader.trailing:
                 self._reject("data before CONNECT answer",
                              responses.bare_error(409, DIAG_EARLY_DATA), status=409)
                 return
@@ -384,7 +365,7 @@ class Connection(asyncio.Protocol):
             return
         self.state = HEAD
         self.head = None
-        self.skip = head.content_length or 0
+        self.reader.skip(head.content_length or 0)
         self._arm_head_timer()
         if self.reading_paused:
             self.reading_paused = False
@@ -599,13 +580,13 @@ class Connection(asyncio.Protocol):
         answers.expect(head.method)
         other.transport.write(request)
         self.received = len(request)
-        if other.buffer:  # (a hidden server that spoke first: passed on, and followed)
-            other.received = len(other.buffer)
-            self.transport.write(other.buffer)
-            answers.feed(other.buffer)
+        early = other.reader.take_trailing()
+        if early:  # (a hidden server that spoke first: passed on, and followed)
+            other.received = len(early)
+            self.transport.write(early)
+            answers.feed(early)
         other.left = answers.take_opaque()
-        buffer = self.buffer
-        self.buffer = other.buffer = bytearray()
+        buffer = self.reader.take_trailing()
         now = hub.loop.time()
         latency = now - self.since
         self.peer, other.peer = other, self
@@ -738,8 +719,7 @@ class Connection(asyncio.Protocol):
         assert item is not None and self.framer is not None
         rest = self.framer.detach()
         self._unpair()
-        self.buffer = rest
-        self.scanned = 0
+        self.reader.receive(rest)  # (emptied when the pairing began)
         if isinstance(item, HeadError):
             self._refuse_head(item)
             return
@@ -863,7 +843,7 @@ class Connection(asyncio.Protocol):
     def _head_timed_out(self) -> None:
         self.timer = None
         if self.state in (HEAD, VERIFYING):
-            answer = responses.status_only(408) if self.buffer else b""
+            answer = responses.status_only(408) if self.reader.trailing else b""
             self._reject("head timeout", answer, status=408)
 
     def _cancel_timer(self) -> None:
