@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from rendezvous.errors import ProvisioningError, RendezvousError
+from rendezvous.protocol.totp import MAX_DIGITS as MAX_DIGITS  # for the CLI and admin
+from rendezvous.protocol.totp import MIN_DIGITS as MIN_DIGITS  # for the CLI and admin
 from rendezvous.registry.base import DEFAULT_DIGITS, DEFAULT_STEP, Entry
 from rendezvous.tls import CERT_FILE, cert_names, default_names, is_self_signed, read_cert_pem
-
-# TOTP codes shorter than 6 digits are refused by the relay (PROTOCOL.md §1); RFC 4226 stops at 8.
-MIN_DIGITS, MAX_DIGITS = 6, 8
 
 
 @dataclass(frozen=True, slots=True)

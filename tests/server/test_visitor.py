@@ -76,15 +76,15 @@ def test_verify_accepts_md5_sha256_and_basic_with_the_right_password() -> None:
     book = NonceBook()
     for algorithm in ("MD5", "SHA-256"):
         header = digest_authorization("id", "pw", book.issue(), "/x", algorithm)
-        assert verify(header.encode(), "GET", "id", secret, book) == "ok"
+        assert verify(header.encode(), "GET", "id", secret, book, target="/x") == "ok"
         wrong = digest_authorization("id", "nope", book.issue(), "/x", algorithm)
-        assert verify(wrong.encode(), "GET", "id", secret, book) == "invalid"
+        assert verify(wrong.encode(), "GET", "id", secret, book, target="/x") == "invalid"
     basic = "Basic " + base64.b64encode(b"id:pw").decode()
-    assert verify(basic.encode(), "GET", "id", secret, book) == "ok"
+    assert verify(basic.encode(), "GET", "id", secret, book, target="/x") == "ok"
     bad = "Basic " + base64.b64encode(b"id:pW").decode()
-    assert verify(bad.encode(), "GET", "id", secret, book) == "invalid"
+    assert verify(bad.encode(), "GET", "id", secret, book, target="/x") == "invalid"
     other_method = digest_authorization("id", "pw", book.issue(), "/x", "MD5", method="GET")
-    assert verify(other_method.encode(), "POST", "id", secret, book) == "invalid"
+    assert verify(other_method.encode(), "POST", "id", secret, book, target="/x") == "invalid"
 
 
 # Through the relay ------------------------------------------------------------------------

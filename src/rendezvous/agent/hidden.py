@@ -33,16 +33,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
-import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sized
 from dataclasses import dataclass, field
 from typing import Any, SupportsIndex
 
 from rendezvous import logs, runtime
+from rendezvous.agent.streams import (
+    READ_CHUNK,
+    close_writer,
+    enable_keepalive,
+    pump,
+    read_at_most,
+)
 from rendezvous.config import (
     DEFAULT_AGENT_POOL,
     DEFAULT_AUTH_RETRY,
@@ -51,8 +56,10 @@ from rendezvous.config import (
     DEFAULT_MAX_PARK_AGE,
     DEFAULT_STATUS_INTERVAL,
 )
-from rendezvous.errors import ProvisioningError
+from rendezvous.errors import ParkFailed, ProvisioningError
 from rendezvous.protocol import responses
+from rendezvous.protocol.head import HEAD_END
+from rendezvous.protocol.responses import MAX_ERROR_BODY, error_text, parse_response_head
 from rendezvous.protocol.totp import current_token
 from rendezvous.provisioning import Provisioning
 from rendezvous.tls import client_ssl_context
@@ -64,21 +71,12 @@ The agent closes the writer when the handler returns (or raises)."""
 # The defaults live beside HiddenAgentConfig, where the CLI reads them too.
 DEFAULT_POOL = DEFAULT_AGENT_POOL
 
-# Bytes per read: 256 KiB reads nearly double a streams relay over 64 KiB ones (NOTES.md). It is
-# also each StreamReader's limit, so at most twice that is buffered before reading pauses.
-READ_CHUNK = 256 * 1024
 # TCP connect, TLS handshake and the relay's answer to our CONNECT, together.
 CONNECT_TIMEOUT = 15.0
-# Bound on waiting for a writer to finish closing (a flush, the close_notify exchange); past
-# it the connection is cut, so a peer that never answers our close_notify holds nothing.
-CLOSE_TIMEOUT = 5.0
-# The relay's error bodies are under 200 bytes; what follows a refusal is read this far, this long.
-MAX_ERROR_BODY = 4096
+# What follows a refusal is read this long (and MAX_ERROR_BODY far) for its diagnostic.
 ERROR_BODY_TIMEOUT = 2.0
 # First back-off step (the delay is drawn from 0 to this, doubling with each failure).
 BACKOFF_BASE = 0.5
-# A Retry-After beyond this is a broken relay, not advice to wait for days.
-MAX_RETRY_AFTER = 3600.0
 # A link the relay closed while parked (a restart, an eviction) is replaced after a random pause
 # up to this long: not all slots at once, and no tight loop against a relay that evicts.
 REPARK_PAUSE = 0.5
@@ -86,14 +84,8 @@ REPARK_PAUSE = 0.5
 SLOT_STAGGER = 0.05
 # Links are recycled at a random age between (1 - AGE_JITTER) * max_park_age and max_park_age.
 AGE_JITTER = 0.15
-# Keepalive on parked links: a dead NAT mapping is noticed within about a minute.
-KEEPALIVE_IDLE = 30
-KEEPALIVE_INTERVAL = 10
-KEEPALIVE_COUNT = 3
 # How long forward_to waits for the local service to accept before answering 502.
 LOCAL_CONNECT_TIMEOUT = 10.0
-
-_HEAD_END = b"\r\n\r\n"
 
 # Answers to a CONNECT that retrying soon cannot change: wait auth_retry (429: Retry-After).
 _REFUSALS = frozenset({401, 403, 407, 409, 429})
@@ -117,18 +109,6 @@ class AgentStatus:
     bytes_down: int  # hidden to mobile, likewise
     failures: int  # failed CONNECTs since start
     last_error: str | None  # why the last CONNECT failed; None if none has
-
-
-class _ParkFailed(Exception):
-    """A CONNECT that did not park; ``refused`` when the relay said no (not the network)."""
-
-    def __init__(
-        self, reason: str, *, refused: bool = False, retry_after: float | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.refused = refused
-        self.retry_after = retry_after
 
 
 class _LinkReader(asyncio.StreamReader):
@@ -467,7 +447,7 @@ class HiddenAgent:
         self._connecting += 1
         try:
             link = await self._park(slot)
-        except _ParkFailed as failure:
+        except ParkFailed as failure:
             self._failed(failure)
             return None
         finally:
@@ -476,7 +456,7 @@ class HiddenAgent:
         gate.healthy, gate.failures, gate.not_before, gate.reported = True, 0, 0.0, None
         return link
 
-    def _failed(self, failure: _ParkFailed) -> None:
+    def _failed(self, failure: ParkFailed) -> None:
         gate = self._gate
         gate.healthy = False
         gate.failures += 1
@@ -502,7 +482,7 @@ class HiddenAgent:
         gate.not_before = max(gate.not_before, self._loop_time() + delay)
 
     async def _park(self, slot: int) -> _Link:
-        """Open a link, send the CONNECT and read the answer; the parked link, or _ParkFailed."""
+        """Open a link, send the CONNECT and read the answer; the parked link, or ParkFailed."""
         loop = asyncio.get_running_loop()
         prov = self.provisioning
         reader = _LinkReader(loop)
@@ -520,18 +500,21 @@ class HiddenAgent:
                 writer.transport.write(
                     f"CONNECT uuid:{prov.uuid}?response={token} HTTP/1.1\r\n\r\n".encode("latin-1"))
                 # Exactly the answer head: whatever follows it is the pairing's.
-                head = await reader.readuntil(_HEAD_END)
-                status, retry_after = _parse_answer(head)
-                if status != 200:
-                    body = await _read_error_body(reader)
-                    raise _refusal(status, _diagnostic(body), retry_after)
+                head = await reader.readuntil(HEAD_END)
+                answer = parse_response_head(head)
+                if answer is None:
+                    first = head.partition(b"\r\n")[0].decode("latin-1")
+                    raise ParkFailed(f"relay answered something that is not HTTP: {first[:80]!r}")
+                if answer.status != 200:
+                    body = await read_at_most(reader, MAX_ERROR_BODY, ERROR_BODY_TIMEOUT)
+                    raise _refusal(answer.status, error_text(body), answer.retry_after)
         except BaseException as exc:
             if writer is not None:
                 writer.transport.abort()
             if isinstance(exc, Exception):
                 raise _park_failure(exc, self.relay) from exc
             raise  # cancelled
-        _enable_keepalive(writer.transport)
+        enable_keepalive(writer.transport)
         link = _Link(self, slot, reader, writer, consumed=len(head))
         self._links.add(link)
         logs.event("parked", id=prov.uuid, slot=slot, parked=len(self._links))
@@ -540,7 +523,7 @@ class HiddenAgent:
 
     def _close_in_background(self, writer: asyncio.StreamWriter) -> None:
         """Close a link that is no longer parked, without waiting here (see stop())."""
-        task = asyncio.get_running_loop().create_task(_close_writer(writer))
+        task = asyncio.get_running_loop().create_task(close_writer(writer))
         self._closers.add(task)
         task.add_done_callback(self._closers.discard)
 
@@ -575,7 +558,7 @@ class HiddenAgent:
         except Exception as exc:
             logs.event("pairing failed", level=logging.WARNING, id=uuid,
                        error=f"{type(exc).__name__}: {exc}")
-        await _close_writer(link.writer)
+        await close_writer(link.writer)
         logs.event("pairing closed", id=uuid, bytes_up=link.bytes_up,
                    bytes_down=link.bytes_down, duration=f"{self._loop_time() - started:.3f}s")
 
@@ -621,101 +604,39 @@ class HiddenAgent:
 # Answers and failures --------------------------------------------------------------------------
 
 
-def _parse_answer(head: bytes) -> tuple[int, float | None]:
-    """The status and Retry-After (seconds, if any) of the relay's answer head."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not (
-            len(parts[1]) == 3 and parts[1].isdigit()):
-        raise _ParkFailed(f"relay answered something that is not HTTP: {lines[0][:80]!r}")
-    retry_after = None
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "retry-after":
-            with contextlib.suppress(ValueError):
-                retry_after = min(MAX_RETRY_AFTER, max(0.0, float(value.strip())))
-    return int(parts[1]), retry_after
-
-
-async def _read_error_body(reader: asyncio.StreamReader) -> bytes:
-    """What follows a refusal's head, up to the relay's close (bounded in size and time)."""
-    body = b""
-    with contextlib.suppress(TimeoutError, OSError):
-        async with asyncio.timeout(ERROR_BODY_TIMEOUT):
-            while len(body) < MAX_ERROR_BODY:
-                chunk = await reader.read(MAX_ERROR_BODY - len(body))
-                if not chunk:
-                    break
-                body += chunk
-    return body
-
-
-def _diagnostic(body: bytes) -> str:
-    """The diagnostic of a ``{"error":{"diagnostic":...}}`` body, else the body as text."""
-    with contextlib.suppress(ValueError, KeyError, TypeError):
-        diagnostic = json.loads(body)["error"]["diagnostic"]
-        if isinstance(diagnostic, str):
-            return diagnostic
-    return " ".join(body.decode("utf-8", "replace").split())[:200]
-
-
-def _refusal(status: int, diagnostic: str, retry_after: float | None) -> _ParkFailed:
+def _refusal(status: int, diagnostic: str, retry_after: float | None) -> ParkFailed:
     what = f"{status} {diagnostic}".strip()
     if status == 401:
-        return _ParkFailed(
+        return ParkFailed(
             f"relay refused our credentials ({what}): wrong secret, entry removed, or clock "
             "off by more than one step", refused=True)
     if status == 429:
-        return _ParkFailed(f"relay is limiting our attempts ({what})", refused=True,
-                           retry_after=retry_after)
+        return ParkFailed(f"relay is limiting our attempts ({what})", refused=True,
+                          retry_after=retry_after)
     if status in _REFUSALS:
-        return _ParkFailed(f"relay refused our CONNECT ({what})", refused=True)
-    return _ParkFailed(f"relay answered {what}")  # 5xx and the like: retry with back-off
+        return ParkFailed(f"relay refused our CONNECT ({what})", refused=True)
+    return ParkFailed(f"relay answered {what}")  # 5xx and the like: retry with back-off
 
 
-def _park_failure(exc: Exception, relay: str) -> _ParkFailed:
-    """``exc``, raised while parking, as a _ParkFailed with a reason for people."""
-    if isinstance(exc, _ParkFailed):
+def _park_failure(exc: Exception, relay: str) -> ParkFailed:
+    """``exc``, raised while parking, as a ParkFailed with a reason for people."""
+    if isinstance(exc, ParkFailed):
         return exc
     if isinstance(exc, TimeoutError):
-        return _ParkFailed(f"relay {relay} did not answer within {CONNECT_TIMEOUT:g} s")
+        return ParkFailed(f"relay {relay} did not answer within {CONNECT_TIMEOUT:g} s")
     if isinstance(exc, ssl.SSLCertVerificationError):
         # Retrying soon will not make the certificate trusted: wait like for a refusal.
-        return _ParkFailed(f"relay {relay}'s certificate is not the one in the provisioning "
+        return ParkFailed(f"relay {relay}'s certificate is not the one in the provisioning "
                            f"file ({exc.verify_message})", refused=True)
     if isinstance(exc, ssl.SSLError):
-        return _ParkFailed(f"TLS with relay {relay} failed: {exc.reason or exc}")
+        return ParkFailed(f"TLS with relay {relay} failed: {exc.reason or exc}")
     if isinstance(exc, asyncio.IncompleteReadError):
-        return _ParkFailed(f"relay {relay} closed the connection without answering")
+        return ParkFailed(f"relay {relay} closed the connection without answering")
     if isinstance(exc, asyncio.LimitOverrunError):
-        return _ParkFailed(f"relay {relay} answered with an over-long head")
+        return ParkFailed(f"relay {relay} answered with an over-long head")
     if isinstance(exc, OSError):
-        return _ParkFailed(f"cannot reach relay {relay}: {exc.strerror or exc}")
-    return _ParkFailed(f"{type(exc).__name__}: {exc}")
-
-
-def _enable_keepalive(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-
-
-async def _close_writer(writer: asyncio.StreamWriter) -> None:
-    """Close after flushing; cut the connection if that takes longer than CLOSE_TIMEOUT."""
-    writer.close()
-    try:
-        async with asyncio.timeout(CLOSE_TIMEOUT):
-            await writer.wait_closed()
-    except TimeoutError:
-        writer.transport.abort()
-    except OSError:
-        pass  # the peer reset the connection: it is closed all the same
+        return ParkFailed(f"cannot reach relay {relay}: {exc.strerror or exc}")
+    return ParkFailed(f"{type(exc).__name__}: {exc}")
 
 
 # Forwarding to a local service -----------------------------------------------------------------
@@ -752,7 +673,7 @@ def forward_to(host: str, port: int) -> Handler:
         except BaseException:  # cancelled (a stop's grace ran out), or a bug
             local_writer.transport.abort()
             raise
-        await _close_writer(local_writer)
+        await close_writer(local_writer)
 
     return forward
 
@@ -762,8 +683,8 @@ async def _splice(
     local_reader: asyncio.StreamReader, local_writer: asyncio.StreamWriter,
 ) -> None:
     """Copy both ways until the local side is done (or either side fails)."""
-    up = asyncio.create_task(_pump(relay_reader, local_writer))
-    down = asyncio.create_task(_pump(local_reader, relay_writer))
+    up = asyncio.create_task(pump(relay_reader, local_writer))
+    down = asyncio.create_task(pump(local_reader, relay_writer))
     try:
         await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
         if not down.done() and up.result():
@@ -777,17 +698,6 @@ async def _splice(
         for task in (up, down):
             task.cancel()
         await asyncio.gather(up, down, return_exceptions=True)
-
-
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> bool:
-    """Copy ``source`` to ``sink`` until EOF (True) or an error on either side (False)."""
-    try:
-        while chunk := await source.read(READ_CHUNK):
-            sink.write(chunk)
-            await sink.drain()  # back-pressure: never more than the sink's buffer in memory
-    except OSError:
-        return False
-    return True
 
 
 # Running under a signal handler ----------------------------------------------------------------

@@ -19,30 +19,52 @@ requests of the same connection, or in another header.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.request import parse_http_list, parse_keqv_list
 
 import httpx
 
 from rendezvous import logs, runtime
+from rendezvous.agent.streams import (
+    CLOSE_TIMEOUT,
+    READ_CHUNK,
+    close_writer,
+    pump,
+    read_at_most,
+    read_head,
+)
 from rendezvous.config import (
     DEFAULT_LISTEN,
     DEFAULT_MAX_HEAD_SIZE,
     DEFAULT_MAX_HEADERS,
     DEFAULT_VISITOR_PASSWORD,
 )
+from rendezvous.errors import RelayRefused
+from rendezvous.errors import RelayUnreachable as RelayUnreachable  # raised by Tunnel.connect
 from rendezvous.protocol import responses
-from rendezvous.protocol.head import NEED_MORE, HeadError, HeadReader, HeadTooLarge, RequestHead
+from rendezvous.protocol.digest import basic_authorization
+from rendezvous.protocol.digest import digest_authorization as digest_authorization
+from rendezvous.protocol.head import (
+    HEAD_END,
+    NEED_MORE,
+    HeadError,
+    HeadReader,
+    HeadTooLarge,
+    RequestHead,
+)
+from rendezvous.protocol.ids import valid_id
+from rendezvous.protocol.responses import MAX_ERROR_BODY as MAX_ERROR_BODY  # for the CLI
+from rendezvous.protocol.responses import (
+    ResponseHead,
+    may_be_relay_error,
+    parse_response_head,
+)
+from rendezvous.protocol.responses import relay_diagnostic as relay_diagnostic  # for the CLI
 from rendezvous.tls import client_ssl_context
 
 Auth = Literal["basic", "digest"]
@@ -52,8 +74,6 @@ AUTH_SCHEMES: tuple[Auth, ...] = ("basic", "digest")
 # server checks its visitors), and where `rendezvous open` listens: defined in config.py.
 PASSWORD = DEFAULT_VISITOR_PASSWORD
 
-# Bytes per read on either side: 256 KiB reads nearly double a streams relay over 64 KiB ones.
-READ_CHUNK = 256 * 1024
 # TCP connect plus TLS handshake to the relay; beyond it the local client gets 502.
 CONNECT_TIMEOUT = 10.0
 # Time the local client gets to send its first request head. Browsers open spare connections
@@ -66,19 +86,12 @@ MAX_HEAD_SIZE = DEFAULT_MAX_HEAD_SIZE
 MAX_HEADERS = DEFAULT_MAX_HEADERS
 # The first response is inspected for a relay error only this far; a longer head passes as is.
 MAX_RESPONSE_HEAD = 64 * 1024
-# The relay's error bodies are under 200 bytes; a longer body is never one of them.
-MAX_ERROR_BODY = 4096
 # A local client that sent EOF and hears nothing from the hidden server for this long is taken
 # to be gone. Its EOF cannot be passed on (asyncio cannot half-close the TLS leg, and closing it
 # would lose the answer to a client that only half-closed), and from here a full close looks the
 # same as a half-close: without this bound, every closed keep-alive connection would hold a
 # pairing, and a hidden server's connection, until the hidden server timed it out.
 HALF_CLOSED_IDLE = 30.0
-# Bound on waiting for a transport to finish closing (a TLS close_notify exchange, a flush).
-CLOSE_TIMEOUT = 5.0
-
-_CRLF = b"\r\n"
-_HEAD_END = b"\r\n\r\n"
 
 
 # ---------------------------------------------------------------------------- httpx helpers
@@ -125,138 +138,6 @@ def _httpx_settings(
     }
 
 
-# ---------------------------------------------------------------------------- relay responses
-
-
-def relay_diagnostic(status: int, body: bytes) -> str | None:
-    """The diagnostic when ``body`` is the relay's own JSON error body, else None.
-
-    The relay writes ``{"error":{"permanent":...,"diagnostic":"..."}}`` byte for byte
-    (``responses.error_body``); only that exact form counts, so a hidden server's JSON error is
-    not mistaken for the relay's.
-    """
-    if status < 400 or len(body) > MAX_ERROR_BODY:
-        return None
-    try:
-        document = json.loads(body)
-        error = document["error"]
-        diagnostic, permanent = error["diagnostic"], error["permanent"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    if not isinstance(diagnostic, str) or not isinstance(permanent, bool):
-        return None
-    if body != responses.error_body(diagnostic, permanent):
-        return None
-    return diagnostic
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
-    """A response's status line and headers, as far as the tunnel needs them."""
-
-    status: int
-    reason: str
-    headers: tuple[tuple[str, str], ...]
-
-    def header(self, name: str) -> str | None:
-        """The first value of header ``name`` (case-insensitive)."""
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-    @property
-    def content_length(self) -> int | None:
-        value = (self.header("content-length") or "").strip()
-        return int(value) if value.isdigit() else None
-
-    @property
-    def closes(self) -> bool:
-        """The server closes the connection after this response."""
-        return "close" in (self.header("connection") or "").lower()
-
-
-def parse_response_head(data: bytes) -> ResponseHead | None:
-    """Parse a response head ending in its blank line; None when it is not HTTP/1.x."""
-    lines = data.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    code, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
-        return None
-    headers = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, colon, value = line.partition(":")
-        if not colon:
-            return None
-        headers.append((name.strip(), value.strip()))
-    return ResponseHead(int(code), reason.strip(), tuple(headers))
-
-
-# ---------------------------------------------------------------------------- Digest
-
-
-def digest_authorization(
-    challenge: str, username: str, password: str, method: str, uri: str, cnonce: str | None = None
-) -> str | None:
-    """The ``Authorization`` value answering a ``WWW-Authenticate: Digest ...`` challenge
-    (RFC 7616: MD5, MD5-sess, SHA-256 and SHA-256-sess; ``qop=auth`` when offered).
-
-    None when ``challenge`` is not a Digest challenge with a nonce.
-    """
-    scheme, _, rest = challenge.strip().partition(" ")
-    if scheme.lower() != "digest":
-        return None
-    try:
-        params = parse_keqv_list(parse_http_list(rest))
-    except ValueError:
-        return None
-    realm, nonce = params.get("realm", ""), params.get("nonce")
-    if not nonce:
-        return None
-    algorithm = params.get("algorithm", "MD5")
-    base = algorithm.upper().removesuffix("-SESS")
-    if base not in ("MD5", "SHA-256"):
-        return None
-
-    def h(text: str) -> str:
-        data = text.encode("utf-8")
-        return hashlib.md5(data).hexdigest() if base == "MD5" else hashlib.sha256(data).hexdigest()
-
-    cnonce = cnonce or os.urandom(16).hex()
-    ha1 = h(f"{username}:{realm}:{password}")
-    if algorithm.upper().endswith("-SESS"):
-        ha1 = h(f"{ha1}:{nonce}:{cnonce}")
-    ha2 = h(f"{method}:{uri}")
-    qops = [q.strip().lower() for q in params.get("qop", "").split(",")]
-    fields = [
-        f'username="{_quote(username)}"',
-        f'realm="{_quote(realm)}"',
-        f'nonce="{_quote(nonce)}"',
-        f'uri="{_quote(uri)}"',
-        f"algorithm={algorithm}",
-    ]
-    if "auth" in qops:
-        nc = "00000001"
-        fields.append(f'response="{h(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}")}"')
-        fields += ["qop=auth", f"nc={nc}", f'cnonce="{cnonce}"']
-    else:
-        fields.append(f'response="{h(f"{ha1}:{nonce}:{ha2}")}"')
-    if "opaque" in params:
-        fields.append(f'opaque="{_quote(params["opaque"])}"')
-    return "Digest " + ", ".join(fields)
-
-
-def basic_authorization(username: str, password: str = PASSWORD) -> str:
-    """``Basic base64(username:password)``."""
-    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-
-
-def _quote(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
-
-
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -265,25 +146,10 @@ def with_authorization(head: RequestHead, authorization: str) -> bytes:
     """The head as the relay must see it: the local client's ``Authorization`` dropped, ours
     added last."""
     forwarded = head.forwarded()  # ends in the blank line; already without Authorization
-    return forwarded[:-2] + b"Authorization: " + authorization.encode("latin-1") + _HEAD_END
+    return forwarded[:-2] + b"Authorization: " + authorization.encode("latin-1") + HEAD_END
 
 
 # ---------------------------------------------------------------------------- the tunnel
-
-
-class RelayUnreachable(Exception):
-    """The relay could not be reached, or its TLS handshake failed; the text says which."""
-
-
-class _RelayRefused(Exception):
-    """The relay answered before pairing with something other than what the tunnel expects;
-    ``data`` is that answer, to pass on to the local client."""
-
-    def __init__(self, data: bytes, status: int | None, reason: str) -> None:
-        super().__init__(reason)
-        self.data = data
-        self.status = status
-        self.reason = reason
 
 
 class Tunnel:
@@ -306,9 +172,8 @@ class Tunnel:
     ) -> None:
         if auth not in AUTH_SCHEMES:
             raise ValueError(f"auth must be one of {', '.join(AUTH_SCHEMES)}, not {auth!r}")
-        # The ID goes into a header: no byte of it may end or fold the header line.
-        if not uuid or any(ord(c) < 0x20 or ord(c) == 0x7F for c in uuid):
-            raise ValueError(f"invalid ID {uuid!r}")
+        if not valid_id(uuid):
+            raise ValueError(f"invalid ID {uuid!r}: no spaces or control characters")
         if auth == "basic" and ":" in uuid:
             raise ValueError(f"ID {uuid!r} holds ':', which Basic credentials cannot carry")
         self.uuid = uuid
@@ -439,7 +304,7 @@ class _Pairing:
                            peer=self.peer, reason=str(exc))
                 await self._answer(responses.full_error(502, str(exc), close=True))
                 return
-            except _RelayRefused as exc:
+            except RelayRefused as exc:
                 logs.event("relay error", level=logging.WARNING, status=exc.status or "-",
                            id=self.tunnel.uuid, peer=self.peer, reason=exc.reason)
                 await self._answer(exc.data)
@@ -525,14 +390,14 @@ class _Pairing:
         await self._drain_relay()
         try:
             async with asyncio.timeout(CHALLENGE_TIMEOUT):
-                data, end, _ = await _read_head(reader, MAX_RESPONSE_HEAD)
+                data, end, _ = await read_head(reader, MAX_RESPONSE_HEAD)
                 answer = parse_response_head(data[:end]) if end > 0 else None
                 if answer is None:
-                    raise _RelayRefused(data, None, "the relay did not answer with HTTP")
+                    raise RelayRefused(data, None, "the relay did not answer with HTTP")
                 if answer.status != 401:
                     data += await _read_rest(reader, answer, data[end:])
                     reason = relay_diagnostic(answer.status, data[end:]) or answer.reason
-                    raise _RelayRefused(data, answer.status, reason)
+                    raise RelayRefused(data, answer.status, reason)
                 challenge = answer.header("www-authenticate") or ""
                 authorization = digest_authorization(
                     challenge, self.tunnel.uuid, self.tunnel.password, head.method, head.target)
@@ -545,7 +410,7 @@ class _Pairing:
         except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
             raise RelayUnreachable(f"relay {host} closed the connection: {exc}") from None
         if not reusable:
-            await _close_writer(writer)
+            await close_writer(writer)
             self.relay_reader, self.relay_writer = await self.tunnel.connect()
         return authorization
 
@@ -580,30 +445,24 @@ class _Pairing:
 
     async def _pump_up(self) -> bool:
         """Local client to relay; True when the local client ended with EOF."""
-        reader, writer = self.local_reader, self.relay_writer
-        assert writer is not None
-        try:
-            while data := await reader.read(READ_CHUNK):
-                self.up += len(data)
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            return False
-        return True
+        assert self.relay_writer is not None
+        return await pump(self.local_reader, self.relay_writer, self._count_up)
+
+    def _count_up(self, size: int) -> None:
+        self.up += size
+
+    def _count_down(self, size: int) -> None:
+        self.down += size
 
     async def _pump_down(self) -> None:
         """Relay to local client: the first response checked for a relay error, then as is."""
-        reader, writer = self.relay_reader, self.local_writer
-        assert reader is not None
+        assert self.relay_reader is not None
         try:
             if not await self._first_response():
                 return
-            while data := await reader.read(READ_CHUNK):
-                self.down += len(data)
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
+        except OSError:
             return
+        await pump(self.relay_reader, self.local_writer, self._count_down)
 
     async def _first_response(self) -> bool:
         """Pass on the answer to the first request; False when the tunnel must end with it.
@@ -615,10 +474,10 @@ class _Pairing:
         """
         reader, writer = self.relay_reader, self.local_writer
         assert reader is not None
-        data, end, eof = await _read_head(reader, MAX_RESPONSE_HEAD)
+        data, end, eof = await read_head(reader, MAX_RESPONSE_HEAD)
         answer = parse_response_head(data[:end]) if end > 0 else None
         diagnostic = None
-        if answer is not None and answer.status >= 400 and _may_be_relay_error(answer):
+        if answer is not None and answer.status >= 400 and may_be_relay_error(answer):
             data += await _read_rest(reader, answer, data[end:])
             diagnostic = relay_diagnostic(answer.status, data[end:])
             if diagnostic is not None and not answer.closes:
@@ -636,35 +495,7 @@ class _Pairing:
 
     async def _close_all(self) -> None:
         writers = [w for w in (self.relay_writer, self.local_writer) if w is not None]
-        await asyncio.gather(*(_close_writer(w) for w in writers))
-
-
-def _may_be_relay_error(answer: ResponseHead) -> bool:
-    """Whether the relay may have written this head: its full form (JSON, short, framed by
-    Content-Length) or its bare one (no reason phrase, no framing; closed after the body)."""
-    if answer.header("transfer-encoding") is not None:
-        return False
-    length = answer.content_length
-    if length is not None:
-        content_type = (answer.header("content-type") or "").lower()
-        return length <= MAX_ERROR_BODY and content_type.startswith("application/json")
-    return not answer.reason and all(n.lower() == "retry-after" for n, _ in answer.headers)
-
-
-async def _read_head(reader: asyncio.StreamReader, limit: int) -> tuple[bytes, int, bool]:
-    """Read until a blank line ends a head: (everything read, index past the head or -1 when
-    EOF or ``limit`` came first, whether EOF came)."""
-    data = bytearray()
-    while True:
-        end = data.find(_HEAD_END)
-        if end >= 0:
-            return bytes(data), end + len(_HEAD_END), False
-        if len(data) > limit:
-            return bytes(data), -1, False
-        chunk = await reader.read(READ_CHUNK)
-        if not chunk:
-            return bytes(data), -1, True
-        data += chunk
+        await asyncio.gather(*(close_writer(w) for w in writers))
 
 
 async def _read_rest(reader: asyncio.StreamReader, answer: ResponseHead, have: bytes) -> bytes:
@@ -672,13 +503,7 @@ async def _read_rest(reader: asyncio.StreamReader, answer: ResponseHead, have: b
     read past ``have``."""
     length = answer.content_length
     want = MAX_ERROR_BODY + 1 if length is None else min(length, MAX_ERROR_BODY + 1)
-    more = bytearray()
-    while len(have) + len(more) < want:
-        chunk = await reader.read(want - len(have) - len(more))
-        if not chunk:
-            break
-        more += chunk
-    return bytes(more)
+    return await read_at_most(reader, max(0, want - len(have)))
 
 
 async def _skip_body(reader: asyncio.StreamReader, answer: ResponseHead, have: bytes) -> bool:
@@ -695,14 +520,14 @@ async def _skip_body(reader: asyncio.StreamReader, answer: ResponseHead, have: b
     if "chunked" in (answer.header("transfer-encoding") or "").lower():
         # node-rendezvous sent an empty chunked body: "0", perhaps trailers, then a blank line.
         buffer = bytearray(have)
-        while (end := buffer.find(_HEAD_END)) < 0:
+        while (end := buffer.find(HEAD_END)) < 0:
             if len(buffer) > MAX_ERROR_BODY:
                 return False
             chunk = await reader.read(MAX_ERROR_BODY)
             if not chunk:
                 return False
             buffer += chunk
-        return buffer.startswith(b"0") and end + len(_HEAD_END) == len(buffer)
+        return buffer.startswith(b"0") and end + len(HEAD_END) == len(buffer)
     return False  # a body delimited by the close
 
 
@@ -713,12 +538,6 @@ def _os_error_text(exc: OSError) -> str:
     if exc.errno:
         return os.strerror(exc.errno)
     return str(exc)
-
-
-async def _close_writer(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
 
 
 # ---------------------------------------------------------------------------- entry points

@@ -165,11 +165,12 @@ def _tunnel_config(args: argparse.Namespace) -> TunnelConfig:
     flags and --config."""
     import ssl
 
+    from rendezvous.protocol.ids import valid_id
     from rendezvous.provisioning import load_provisioning
     from rendezvous.tls import client_ssl_context
 
     uuid: str = args.uuid
-    if not uuid or any(ord(c) < 0x21 or ord(c) == 0x7F for c in uuid):
+    if not valid_id(uuid):
         raise ConfigError(f"invalid ID {uuid!r}: no spaces or control characters")
     if args.auth == "basic" and ":" in uuid:
         raise ConfigError(f"ID {uuid!r} holds ':', which Basic credentials cannot carry: "

@@ -1,4 +1,6 @@
-"""The optional visitor check: HTTP Digest (RFC 7616, MD5 and SHA-256) verified for real.
+"""HTTP Digest and Basic (RFC 7616, RFC 7617): the relay's visitor check, and the client side.
+
+The server side is the optional visitor check.
 
 By default the relay only reads the user name of a mobile client's Digest or Basic credentials
 (node-rendezvous's behaviour). An entry may carry a *visitor password*; then the relay checks
@@ -7,7 +9,11 @@ ID never reach the hidden server.
 
 Nonces are stateless to issue: a timestamp and an HMAC of it under a server key, 32 hex digits
 like the original's. A response is accepted only for a fresh nonce (``NONCE_LIFETIME``) and a
-nonce count higher than any seen before with that nonce (replay protection).
+nonce count higher than any seen before with that nonce (replay protection), and only for the
+request it was computed for: its ``uri`` must be the request target (RFC 7616 §3.4.6).
+
+The client side (:func:`digest_authorization`, :func:`basic_authorization`) is what the mobile
+tunnel sends to name its hidden server; tests check it against the server side.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from dataclasses import dataclass
 from urllib.request import parse_http_list, parse_keqv_list
 
 REALM = "rendezvous"
+# The original's opaque is always md5("rendezvous"); clients may compare it.
+OPAQUE = hashlib.md5(REALM.encode()).hexdigest()
 NONCE_LIFETIME = 300.0  # seconds a nonce may be used
 MAX_TRACKED_NONCES = 100_000  # nonce-count memory bound; the oldest are forgotten first
 
@@ -108,18 +116,18 @@ def digest_fields(rest: str) -> dict[str, str] | None:
 def challenge_headers(nonces: NonceBook, stale: bool = False) -> bytes:
     """``WWW-Authenticate`` lines offering SHA-256 and MD5, for an entry with a visitor
     password (RFC 7616 §3.7: the preferred algorithm first)."""
-    opaque = hashlib.md5(REALM.encode()).hexdigest()
     lines = [
         f'WWW-Authenticate: Digest realm="{REALM}", qop="auth", algorithm={algorithm}, '
-        f'nonce="{nonces.issue()}", opaque="{opaque}"{", stale=true" if stale else ""}\r\n'
+        f'nonce="{nonces.issue()}", opaque="{OPAQUE}"{", stale=true" if stale else ""}\r\n'
         for algorithm in ("SHA-256", "MD5")
     ]
     return "".join(lines).encode()
 
 
 def verify(authorization: bytes, method: str, uuid: str, secret: VisitorSecret,
-           nonces: NonceBook) -> str:
-    """Check a mobile client's credentials against ``secret``: "ok", "stale" or "invalid"."""
+           nonces: NonceBook, *, target: str) -> str:
+    """Check a mobile client's credentials for its request ``method`` ``target`` against
+    ``secret``: "ok", "stale" or "invalid"."""
     text = authorization.decode("latin-1").strip()
     scheme, _, rest = text.partition(" ")
     if scheme.lower() == "basic":
@@ -135,11 +143,85 @@ def verify(authorization: bytes, method: str, uuid: str, secret: VisitorSecret,
     algorithm = fields.get("algorithm", "MD5").upper()
     required = ("username", "realm", "nonce", "uri", "response", "qop", "nc", "cnonce")
     if (algorithm not in _ALGORITHMS or any(name not in fields for name in required)
-            or fields["qop"] != "auth" or fields["username"] != uuid or fields["realm"] != REALM):
-        return "invalid"
+            or fields["qop"] != "auth" or fields["username"] != uuid or fields["realm"] != REALM
+            or not uri_matches(fields["uri"], target)):
+        return "invalid"  # a response computed for another request is no proof for this one
     ha2 = _hash(algorithm, f"{method}:{fields['uri']}")
     expected = _hash(algorithm, ":".join(
         [secret.ha1(algorithm), fields["nonce"], fields["nc"], fields["cnonce"], "auth", ha2]))
     if not hmac.compare_digest(expected, fields["response"].lower()):
         return "invalid"
     return nonces.check(fields["nonce"], fields["nc"])
+
+
+def uri_matches(uri: str, target: str) -> bool:
+    """Whether a Digest ``uri`` names the request ``target`` (RFC 7616 §3.4.6): the same
+    string, or the origin form (path and query) of an absolute-form target."""
+    if uri == target:
+        return True
+    scheme, sep, rest = target.partition("://")
+    if not sep or not scheme.isalpha():
+        return False
+    path = rest[len(rest.split("/", 1)[0]):]  # after the authority
+    return uri == (path or "/")
+
+
+# The client side ---------------------------------------------------------------------------
+
+
+def digest_authorization(
+    challenge: str, username: str, password: str, method: str, uri: str, cnonce: str | None = None
+) -> str | None:
+    """The ``Authorization`` value answering a ``WWW-Authenticate: Digest ...`` challenge
+    (RFC 7616: MD5, MD5-sess, SHA-256 and SHA-256-sess; ``qop=auth`` when offered).
+
+    None when ``challenge`` is not a Digest challenge with a nonce.
+    """
+    scheme, _, rest = challenge.strip().partition(" ")
+    if scheme.lower() != "digest":
+        return None
+    params = digest_fields(rest)
+    if params is None:
+        return None
+    realm, nonce = params.get("realm", ""), params.get("nonce")
+    if not nonce:
+        return None
+    algorithm = params.get("algorithm", "MD5")
+    base = algorithm.upper().removesuffix("-SESS")
+    if base not in _ALGORITHMS:
+        return None
+
+    def h(text: str) -> str:
+        return _hash(base, text)
+
+    cnonce = cnonce or secrets.token_hex(16)
+    ha1 = h(f"{username}:{realm}:{password}")
+    if algorithm.upper().endswith("-SESS"):
+        ha1 = h(f"{ha1}:{nonce}:{cnonce}")
+    ha2 = h(f"{method}:{uri}")
+    qops = [q.strip().lower() for q in params.get("qop", "").split(",")]
+    fields = [
+        f'username="{_quote(username)}"',
+        f'realm="{_quote(realm)}"',
+        f'nonce="{_quote(nonce)}"',
+        f'uri="{_quote(uri)}"',
+        f"algorithm={algorithm}",
+    ]
+    if "auth" in qops:
+        nc = "00000001"
+        fields.append(f'response="{h(f"{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}")}"')
+        fields += ["qop=auth", f"nc={nc}", f'cnonce="{cnonce}"']
+    else:
+        fields.append(f'response="{h(f"{ha1}:{nonce}:{ha2}")}"')
+    if "opaque" in params:
+        fields.append(f'opaque="{_quote(params["opaque"])}"')
+    return "Digest " + ", ".join(fields)
+
+
+def basic_authorization(username: str, password: str) -> str:
+    """``Basic base64(username:password)``."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')

@@ -206,7 +206,7 @@ class HeadReader:
         self._skip = 0  # body bytes of an answered request still to discard
         self.head_size = 0  # bytes of the last head returned, blank line included
 
-    def feed(self, data: bytes = b"") -> RequestHead | NeedMore:
+    def feed(self, data: bytes | bytearray = b"") -> RequestHead | NeedMore:
         """Add ``data`` (may be empty) and return the next complete head, or NEED_MORE.
 
         Raises HeadTooLong, TooManyHeaders, BareLineFeed or MalformedHead (all HeadError).
@@ -215,7 +215,7 @@ class HeadReader:
             self._buffer += data
         return self.next_head()
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | bytearray) -> None:
         """Buffer ``data`` without looking for a head (while the caller cannot answer one, or
         once the bytes are a body on its way to the hidden server)."""
         self._buffer += data

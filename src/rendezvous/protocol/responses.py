@@ -1,15 +1,39 @@
-"""The bytes the server writes, exactly as node-rendezvous wrote them (PROTOCOL.md)."""
+"""The relay's responses: the bytes the server writes, exactly as node-rendezvous wrote them
+(PROTOCOL.md), and the reading side the agents use on them (:func:`parse_response_head`,
+:attr:`ResponseHead.retry_after`, :func:`relay_diagnostic`), so what one writes the other reads.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
+from dataclasses import dataclass
 from http import HTTPStatus
 
-# The original's opaque is always md5("rendezvous"); clients may compare it.
-OPAQUE = hashlib.md5(b"rendezvous").hexdigest()
-REALM = "rendezvous"
+from rendezvous.protocol.digest import OPAQUE, REALM
+
+__all__ = [
+    "MAX_ERROR_BODY",
+    "MAX_RETRY_AFTER",
+    "OPAQUE",
+    "PARKED",
+    "REALM",
+    "ResponseHead",
+    "bare_error",
+    "challenge",
+    "error_body",
+    "error_text",
+    "full_error",
+    "may_be_relay_error",
+    "parse_response_head",
+    "relay_diagnostic",
+    "status_only",
+]
+
+# The relay's error bodies are under 200 bytes; a longer body is never one of them.
+MAX_ERROR_BODY = 4096
+# A Retry-After beyond this is a broken relay, not advice to wait for days.
+MAX_RETRY_AFTER = 3600.0
 
 PARKED = b"HTTP/1.1 200\r\n\r\n"
 
@@ -78,3 +102,112 @@ def status_only(status: int) -> bytes:
     """A bodiless closing response for limit breaches (408, 431, 503)."""
     phrase = HTTPStatus(status).phrase.encode()
     return b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (status, phrase)
+
+
+# The reading side ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """A response's status line and headers, as far as the agents need them."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive)."""
+        name = name.lower()
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    @property
+    def content_length(self) -> int | None:
+        """The declared body length, or None when absent or unparseable."""
+        value = (self.header("content-length") or "").strip()
+        return int(value) if value.isdigit() else None
+
+    @property
+    def closes(self) -> bool:
+        """The server closes the connection after this response."""
+        return "close" in (self.header("connection") or "").lower()
+
+    @property
+    def retry_after(self) -> float | None:
+        """``Retry-After`` in seconds (0 to MAX_RETRY_AFTER), or None when absent or not a
+        number (the relay sends delay-seconds, never an HTTP date)."""
+        value = self.header("retry-after")
+        if value is None:
+            return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            return None
+        if seconds != seconds:  # NaN
+            return None
+        return min(MAX_RETRY_AFTER, max(0.0, seconds))
+
+
+def parse_response_head(data: bytes) -> ResponseHead | None:
+    """Parse a response head (its blank line optional); None when it is not HTTP/1.x."""
+    lines = data.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+        return None
+    headers = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            return None
+        headers.append((name.strip(), value.strip()))
+    return ResponseHead(int(code), reason.strip(), tuple(headers))
+
+
+def relay_diagnostic(status: int, body: bytes) -> str | None:
+    """The diagnostic when ``body`` is the relay's own JSON error body, else None.
+
+    Only the exact bytes :func:`error_body` writes count, so a hidden server's JSON error is
+    not mistaken for the relay's.
+    """
+    if status < 400 or len(body) > MAX_ERROR_BODY:
+        return None
+    try:
+        document = json.loads(body)
+        error = document["error"]
+        diagnostic, permanent = error["diagnostic"], error["permanent"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(diagnostic, str) or not isinstance(permanent, bool):
+        return None
+    if body != error_body(diagnostic, permanent):
+        return None
+    return diagnostic
+
+
+def error_text(body: bytes) -> str:
+    """For people: the diagnostic of a ``{"error":{"diagnostic":...}}`` body, else the body as
+    one line of text (at most 200 characters)."""
+    try:
+        diagnostic = json.loads(body)["error"]["diagnostic"]
+    except (ValueError, KeyError, TypeError):
+        diagnostic = None
+    if isinstance(diagnostic, str):
+        return diagnostic
+    return " ".join(body.decode("utf-8", "replace").split())[:200]
+
+
+def may_be_relay_error(answer: ResponseHead) -> bool:
+    """Whether the relay may have written this head: its full form (JSON, short, framed by
+    Content-Length) or its bare one (no reason phrase, no framing; closed after the body)."""
+    if answer.header("transfer-encoding") is not None:
+        return False
+    length = answer.content_length
+    if length is not None:
+        content_type = (answer.header("content-type") or "").lower()
+        return length <= MAX_ERROR_BODY and content_type.startswith("application/json")
+    return not answer.reason and all(n.lower() == "retry-after" for n, _ in answer.headers)

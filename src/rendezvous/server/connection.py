@@ -545,7 +545,8 @@ class Connection(asyncio.Protocol):
         authorization = head.header(b"authorization")
         if authorization is None:  # named by ?rendezvous=ID: no credentials at all
             return "invalid"
-        return digest.verify(authorization, head.method, self.uuid, secret, self.hub.nonces)
+        return digest.verify(authorization, head.method, self.uuid, secret, self.hub.nonces,
+                             target=head.target)
 
     def _refuse_visitor(self, stale: bool) -> None:
         """401 with a fresh challenge (SHA-256 and MD5) to a client that failed the check."""
