@@ -102,13 +102,15 @@ class RequestHead:
 class _Collector:
     """httptools callbacks: gather the URL and header fields of one head."""
 
-    __slots__ = ("complete", "headers", "max_headers", "url")
+    __slots__ = ("complete", "headers", "keep_alive", "max_headers", "parser", "url")
 
     def __init__(self, max_headers: int) -> None:
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.max_headers = max_headers
         self.complete = False
+        self.keep_alive = False
+        self.parser: httptools.HttpRequestParser | None = None
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -120,6 +122,9 @@ class _Collector:
 
     def on_headers_complete(self) -> None:
         self.complete = True
+        # Asked now: once a bodiless message is complete, llhttp forgets "Connection: close".
+        assert self.parser is not None
+        self.keep_alive = bool(self.parser.should_keep_alive())
 
 
 def find_head_end(buffer: bytes | bytearray, max_head_size: int, search_from: int = 0) -> int:
@@ -142,7 +147,7 @@ def find_head_end(buffer: bytes | bytearray, max_head_size: int, search_from: in
 def parse_head(data: bytes, max_headers: int) -> RequestHead:
     """Parse one complete head (ending in a blank line); raise a HeadError if it is invalid."""
     collector = _Collector(max_headers)
-    parser = httptools.HttpRequestParser(collector)
+    parser = collector.parser = httptools.HttpRequestParser(collector)
     try:
         parser.feed_data(data)
     except httptools.HttpParserUpgrade:
@@ -164,7 +169,7 @@ def parse_head(data: bytes, max_headers: int) -> RequestHead:
         target=collector.url.decode("latin-1"),
         version=version,
         headers=tuple(collector.headers),
-        keep_alive=bool(parser.should_keep_alive()),
+        keep_alive=collector.keep_alive,
     )
 
 
