@@ -67,13 +67,15 @@ class Node:
                 env={**os.environ, "RENDEZVOUS_CLUSTER_KEY": CLUSTER_KEY})
         wait_for_port("127.0.0.1", self.port, 20, self.proc)
 
-    def connect(self) -> ssl.SSLSocket:
+    def connect(self, source: str | None = None) -> ssl.SSLSocket:
         context = ssl.create_default_context(cafile=str(self.cert))
-        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=10,
+                                       source_address=(source, 0) if source else None)
         return context.wrap_socket(raw, server_hostname="127.0.0.1")
 
-    def park(self, entry: Entry, token: str | None = None) -> ssl.SSLSocket:
-        sock = self.connect()
+    def park(self, entry: Entry, token: str | None = None,
+             source: str | None = None) -> ssl.SSLSocket:
+        sock = self.connect(source)
         token = token or current_token(entry.base32, entry.step, entry.digits)
         sock.sendall(f"CONNECT uuid:{entry.uuid}?response={token} HTTP/1.1\r\n\r\n".encode())
         assert recv_exactly(sock, len(PARKED)) == PARKED
@@ -265,3 +267,19 @@ def test_client_waiting_on_b_is_served_when_the_hidden_server_parks_on_a_later(
         hidden.settimeout(5)
         assert hidden.recv(100).startswith(b"GET /early HTTP/1.1")
         hidden.close()
+
+
+def test_a_code_parks_on_another_node_only_from_the_address_that_used_it(
+        nodes: dict[str, Node], redis_url: str) -> None:
+    # Issue 11 item 6 across nodes: a leaked code replayed on another node takes nothing.
+    entry = add_entry(redis_url)
+    token = current_token(entry.base32, entry.step, entry.digits)
+    real = nodes["A"].park(entry, token, source="127.0.0.2")
+    with nodes["B"].connect(source="127.0.0.3") as stolen:
+        stolen.sendall(f"CONNECT uuid:{entry.uuid}?response={token} HTTP/1.1\r\n\r\n".encode())
+        assert recv_exactly(stolen, 16) == b"HTTP/1.1 401\r\n\r\n"
+    same_place = nodes["B"].park(entry, token, source="127.0.0.2")  # its own code, elsewhere
+    nodes["A"].wait_parked(entry.uuid, 1)
+    nodes["B"].wait_parked(entry.uuid, 1)
+    real.close()
+    same_place.close()

@@ -73,6 +73,14 @@ return found
 """
 
 
+# Claims a TOTP code for the address in ARGV[1] for ARGV[2] ms: 1 if that address holds it now.
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+"""
+
+
 def _cluster_identity(cluster_key: str) -> tuple[bytes, bytes]:
     """A certificate and key (PEM) derived from the cluster key alone, byte for byte the same on
     every node (Ed25519 signatures are deterministic), which each node trusts as its only
@@ -143,6 +151,7 @@ class ClusterMember:
         self.advertise = config.advertise or f"{config.internal_host}:{config.internal_port}"
         self._node_key = f"{KEY_PREFIX}node:{config.node_id}"
         self._locate = self.redis.register_script(_LOCATE)
+        self._claim = self.redis.register_script(_CLAIM)
         self._dirty: set[str] = set()
         self._published: dict[str, int] = {}
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -255,6 +264,19 @@ class ClusterMember:
             return []
         pairs = [(found[i].decode(), found[i + 1].decode()) for i in range(0, len(found), 2)]
         return pairs
+
+    async def claim_code(self, uuid: str, code: str, address: str, seconds: float) -> bool:
+        """Hold ``code`` of ``uuid`` for ``address`` on every node for ``seconds`` (a code parks
+        again only from the address that used it first); False when another address holds it.
+        With Redis unreachable, True: this node's own claim still applies."""
+        # Hashed: Redis holds no code that is still valid, only who used it.
+        key = KEY_PREFIX + "code:" + hashlib.sha256(f"{uuid}\0{code}".encode()).hexdigest()
+        try:
+            held = await self._claim(keys=[key], args=[address, max(1, int(seconds * 1000))])
+        except (RedisError, OSError) as exc:
+            self._set_health(False, exc)
+            return True
+        return bool(held)
 
     async def dial(self, address: str, factory: Callable[[], P]) -> P:
         """Connect to the internal listener of the node at ``address`` (``host:port``) with

@@ -46,7 +46,7 @@ from rendezvous.protocol.routing import (
 )
 from rendezvous.protocol.totp import token_is_valid
 from rendezvous.registry import Entry
-from rendezvous.server.hub import CODE_TAKEN, Cluster, Hub
+from rendezvous.server.hub import CODE_CLAIM_STEPS, CODE_TAKEN, Cluster, Hub
 
 # States. A connection only moves forward through these, except a mobile leg that is refused
 # on a keep-alive connection, which goes back to HEAD for the client's next request.
@@ -392,7 +392,13 @@ class Connection(asyncio.Protocol):
             hub.guesses.failed(self.address, park.uuid, hub.loop.time())
             self._reject(reason, responses.bare_error(401, DIAG_INVALID), status=401)
             return
-        refusal = hub.refusal(self, park.token, entry.step)
+        # With a cluster, the first address to use a code holds it on every node.
+        cluster, claim = hub.cluster, CODE_CLAIM_STEPS * entry.step
+        taken = cluster is not None and not await cluster.claim_code(
+            park.uuid, park.token, self.address, claim)
+        if self.state != VERIFYING:
+            return
+        refusal = CODE_TAKEN if taken else hub.refusal(self, park.token, entry.step)
         if refusal == CODE_TAKEN:  # a leaked code, replayed from elsewhere: as a wrong one
             hub.guesses.failed(self.address, park.uuid, hub.loop.time())
             self._reject(refusal, responses.bare_error(401, DIAG_INVALID), status=401)

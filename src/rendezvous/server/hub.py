@@ -155,6 +155,10 @@ class Cluster(Protocol):
         """Open a connection to a node's internal listener, speaking ``factory()``'s protocol;
         OSError, ssl.SSLError, TimeoutError or ValueError when it cannot."""
 
+    async def claim_code(self, uuid: str, code: str, address: str, seconds: float) -> bool:
+        """Claim ``code`` of ``uuid`` for ``address`` on every node for ``seconds``; False when
+        another address holds it (True when the cluster cannot be asked)."""
+
 
 L = TypeVar("L", bound=Leg)
 
