@@ -21,7 +21,9 @@ DEFAULT_PAIR_WAIT = 2.0  # seconds a mobile client waits for a parked connection
 # A freshly parked connection is held back this long before pairing, so the hidden server reads
 # the `200` and the mobile request in separate reads (old agents drop a request that comes with it).
 DEFAULT_SETTLE = 0.010
-DEFAULT_HEAD_TIMEOUT = 15.0  # seconds to finish the TLS handshake and send a request head
+DEFAULT_HEAD_TIMEOUT = 15.0  # seconds from accept to a complete request head
+# Seconds to finish the TLS handshake (within the head timeout): real clients need < 1 s.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_HEAD_SIZE = 16 * 1024  # bytes; beyond it 431 (real clients send < 4 KiB)
 DEFAULT_MAX_HEADERS = 100  # header lines; beyond it 431
 DEFAULT_MAX_CONNECTIONS = 15_000  # open client connections; the machine allows 20,000 files
@@ -83,6 +85,7 @@ class Limits:
     pair_wait: float = DEFAULT_PAIR_WAIT
     settle: float = DEFAULT_SETTLE
     head_timeout: float = DEFAULT_HEAD_TIMEOUT
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_head_size: int = DEFAULT_MAX_HEAD_SIZE
     max_headers: int = DEFAULT_MAX_HEADERS
     max_connections: int = DEFAULT_MAX_CONNECTIONS

@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 LOGGER_NAME = "rendezvous"
@@ -32,9 +34,118 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+# Characters that could end a line, or a field, in the text format: escaped in every value,
+# since peers choose many of them (user names, IDs, reasons) and fail2ban-style tools parse us.
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(char: str) -> str:
+    known = _ESCAPES.get(char)
+    if known is not None:
+        return known
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else (
+        f"\\U{code:08x}")
+
+
 def _text(value: Any) -> str:
+    """A field value as one token: quoted when it has spaces or quotes, or is empty;
+    backslash, quote and every control or unprintable character escaped."""
     text = str(value)
-    return f'"{text}"' if (" " in text or not text) else text
+    if text.isprintable() and not any(char in text for char in '\\"'):
+        return f'"{text}"' if (" " in text or not text) else text
+    return '"' + "".join(_escape_char(char) for char in text) + '"'
+
+
+# A run of like events (the same rejection from one address) is logged once at once, then as
+# one line per this many seconds with its count, so a flood cannot write megabytes of log.
+REPEAT_WINDOW = 10.0
+# Runs tracked at once; events of further kinds share one summary, so memory stays bounded.
+MAX_REPEAT_KEYS = 1_000
+_OVERFLOW = object()
+
+
+@dataclass(slots=True)
+class _Run:
+    name: str
+    level: int
+    started: float
+    fields: dict[str, Any]
+    count: int = 0  # events since the first, not yet logged
+
+
+class RepeatedEvents:
+    """Logs the first event of each key at once and then, per ``window`` seconds, one line
+    with the fields of the latest and its count: ``rejected reason=... repeats=37 window=10s``.
+
+    ``schedule(delay, callback)`` (e.g. ``loop.call_later``) makes a summary come out when its
+    window ends; without it, summaries come out at a later event or :meth:`flush`.
+    """
+
+    def __init__(
+        self, window: float = REPEAT_WINDOW, max_keys: int = MAX_REPEAT_KEYS, *,
+        schedule: Callable[[float, Callable[[], None]], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self.max_keys = max_keys
+        self._schedule = schedule
+        self._clock = clock
+        self._runs: dict[Hashable, _Run] = {}
+        self._next_flush = float("inf")  # when the oldest run's window ends
+        self._flush_scheduled = False
+
+    def event(self, key: Hashable, name: str, /, level: int = logging.INFO,
+              **fields: Any) -> None:
+        """Log ``name`` with ``fields`` now, unless an event of ``key`` was logged less than
+        ``window`` seconds ago; then only count it."""
+        now = self._clock()
+        if now >= self._next_flush:
+            self.flush(now)
+        run = self._runs.get(key)
+        if run is None and len(self._runs) >= self.max_keys:
+            key, fields = _OVERFLOW, {"keys": f"over {self.max_keys}"}
+            run = self._runs.get(key)
+            if run is None:  # the overflow run is only ever summarised
+                run = self._runs[key] = _Run(name, level, now, fields)
+        if run is None:
+            self._runs[key] = _Run(name, level, now, fields)
+            self._next_flush = min(self._next_flush, now + self.window)
+            event(name, level=level, **fields)
+            return
+        run.count += 1
+        run.fields = fields
+        run.level = max(run.level, level)
+        if self._schedule is not None and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._schedule(max(0.0, self._next_flush - now), self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
+        if self._schedule is not None and any(run.count for run in self._runs.values()):
+            self._flush_scheduled = True
+            self._schedule(max(0.0, self._next_flush - self._clock()), self._scheduled_flush)
+
+    def flush(self, now: float | None = None, everything: bool = False) -> None:
+        """Log the summary of every run whose window has ended (of all, with ``everything``)
+        and forget those runs."""
+        now = self._clock() if now is None else now
+        self._next_flush = float("inf")
+        for key, run in list(self._runs.items()):
+            ends = run.started + self.window
+            if not everything and ends > now:
+                self._next_flush = min(self._next_flush, ends)
+                continue
+            del self._runs[key]
+            if run.count:
+                event(run.name, level=run.level, **run.fields, repeats=run.count,
+                      window=f"{self.window:g}s")
+
+    def __len__(self) -> int:
+        return len(self._runs)
 
 
 class JSONFormatter(logging.Formatter):

@@ -60,7 +60,7 @@ from rendezvous.config import GuessLimits
 from rendezvous.protocol.totp import current_token
 from rendezvous.registry import Entry, Registry, open_registry
 from rendezvous.registry.memory import MemoryRegistry
-from rendezvous.server.app import SSL_SHUTDOWN_TIMEOUT
+from rendezvous.server.connection import SSL_SHUTDOWN_TIMEOUT
 
 pytestmark = pytest.mark.timeout(90)
 

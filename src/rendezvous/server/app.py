@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 # Seconds that active pairings get to finish after SIGINT/SIGTERM before they are cut.
 SHUTDOWN_GRACE = 10.0
 LISTEN_BACKLOG = 1024
-SSL_SHUTDOWN_TIMEOUT = 5.0
 
 
 class RendezvousServer:
@@ -74,17 +73,14 @@ class RendezvousServer:
                      .digest() if config.cluster is not None else None)
         hub: Hub[Connection] = Hub(self.registry, config.limits, loop, nonce_key=nonce_key)
         self.hub = hub
-        factory: Callable[[], Connection] = lambda: Connection(hub)  # noqa: E731
+        # Accepted as plain TCP; each connection starts its own TLS handshake (with its own
+        # deadline) once counted, so sockets in their handshake cannot escape the caps.
+        context = self.ssl_context
+        factory: Callable[[], Connection] = lambda: Connection(hub, upgrade=context)  # noqa: E731
         self._server = await loop.create_server(
             factory,
             host=config.host or None,
             port=config.port,
-            ssl=self.ssl_context,
-            # A peer that never finishes its handshake is held no longer than one that never
-            # finishes its request head.
-            ssl_handshake_timeout=config.limits.head_timeout if self.ssl_context else None,
-            # A peer that never answers our close_notify does not hold its socket for long.
-            ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT if self.ssl_context else None,
             backlog=LISTEN_BACKLOG,
             reuse_address=True,
         )
@@ -161,6 +157,7 @@ class RendezvousServer:
             while hub.active_pairs > 0 and hub.loop.time() < deadline:
                 await asyncio.sleep(0.05)
             hub.abort_all()
+            hub.repeats.flush(everything=True)  # the counts of runs still open
         if self._owns_registry:
             await self.registry.close()
         if self._server is not None:

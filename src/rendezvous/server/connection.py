@@ -48,8 +48,9 @@ from rendezvous.protocol.totp import token_is_valid
 from rendezvous.registry import Entry
 from rendezvous.server.hub import CODE_CLAIM_STEPS, CODE_TAKEN, Cluster, Hub
 
-# States. A connection only moves forward through these, except a mobile leg that is refused
-# on a keep-alive connection, which goes back to HEAD for the client's next request.
+# States. A connection only moves forward through these (HANDSHAKE, then HEAD, ...), except a
+# mobile leg that is refused on a keep-alive connection, which goes back to HEAD for the next
+# request.
 HEAD = 0  # reading a request head
 VERIFYING = 1  # hidden: CONNECT head read, token being checked against the registry
 PARKED = 2  # hidden: in its ID's pool
@@ -57,6 +58,7 @@ WAITING = 3  # mobile: no parked connection yet; waiting up to pair_wait
 SETTLING = 4  # both legs: paired, waiting for the just-parked hidden leg to settle
 RELAYING = 5  # both legs: copying bytes
 CLOSED = 6
+HANDSHAKE = 7  # public TLS: accepted and counted, its handshake (start_tls) not finished
 
 # Where a connection came from.
 PUBLIC = 0  # accepted on the public listener
@@ -77,8 +79,10 @@ WAITING_BUFFER_LIMIT = 256 * 1024
 # stop reading it until they can go on.
 HELD_BUFFER_LIMIT = 256 * 1024
 
+# A peer that never answers our TLS close_notify does not hold its socket longer than this.
+SSL_SHUTDOWN_TIMEOUT = 5.0
 # A relaying leg being closed gets this long to flush to its peer before it is cut.
-CLOSE_GRACE = 5.0  # the same as the listener's TLS shutdown timeout
+CLOSE_GRACE = SSL_SHUTDOWN_TIMEOUT
 
 # How often a leg whose reader has stopped reading is checked for a silent close.
 STALL_CHECK = 0.5
@@ -117,13 +121,18 @@ class Connection(asyncio.Protocol):
         "timer",
         "tls",
         "transport",
+        "upgrade",
         "uuid",
         "writing_paused",
     )
 
-    def __init__(self, hub: Hub[Connection], kind: int = PUBLIC) -> None:
+    def __init__(self, hub: Hub[Connection], kind: int = PUBLIC,
+                 upgrade: ssl.SSLContext | None = None) -> None:
         self.hub = hub
         self.kind = kind
+        # Public TLS: the socket is accepted as plain TCP (so it counts against the caps before
+        # any handshake work) and upgraded with this context.
+        self.upgrade = upgrade
         self.tls = False
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
         self.state = HEAD
@@ -152,6 +161,8 @@ class Connection(asyncio.Protocol):
     # asyncio callbacks ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # On the public listener this runs at accept, before any TLS work: every socket is
+        # counted against the caps from its first moment, and one over them costs no handshake.
         self.transport = cast(asyncio.Transport, transport)
         hub = self.hub
         self.tls = transport.get_extra_info("sslcontext") is not None
@@ -168,19 +179,76 @@ class Connection(asyncio.Protocol):
             return
         address = self.address
         hub.opened(self, address)
-        if hub.closing:  # finished its handshake after the shutdown began
+        upgrade = self.upgrade if self.kind == PUBLIC and not self.tls else None
+        if hub.closing:  # arrived after the shutdown began
             self.state = CLOSED
             self.transport.abort()
             return
+        # Before the handshake there is no way to say 503: such a socket is just closed.
+        over = b"" if upgrade is not None else responses.status_only(503)
         if hub.open_connections > hub.limits.max_connections:
-            self._reject("too many connections", responses.status_only(503), status=503)
+            self._reject("too many connections", over, status=503)
             return
         # Other relay nodes forward many clients each: no per-address cap for them.
         if hub.from_address(address) > hub.limits.max_per_address and self.kind == PUBLIC:
-            self._reject("too many connections from this address",
-                         responses.status_only(503), status=503)
+            self._reject("too many connections from this address", over, status=503)
             return
-        self._arm_head_timer()
+        self._arm_head_timer()  # the head timeout counts from accept, handshake included
+        if upgrade is not None:
+            self.state = HANDSHAKE
+            hub.spawn(self._handshake(upgrade))
+
+    async def _handshake(self, context: ssl.SSLContext) -> None:
+        """Upgrade an accepted socket to TLS within its own, shorter deadline."""
+        hub = self.hub
+        limits = hub.limits
+        if self.state != HANDSHAKE:
+            return
+        if self.reader.trailing:  # the ClientHello came before this task ran: TLS's, first
+            hub.loop.call_soon(self._hand_over_early_bytes)
+        try:
+            tls = await hub.loop.start_tls(
+                self.transport, self, context, server_side=True,
+                ssl_handshake_timeout=min(limits.handshake_timeout, limits.head_timeout),
+                ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT)
+        except (OSError, ssl.SSLError, EOFError) as exc:  # ConnectionError is an OSError
+            # asyncio and uvloop both abort a handshake past its deadline this way.
+            timed_out = isinstance(exc, ConnectionAbortedError)
+            self._handshake_failed("handshake timeout" if timed_out else "handshake failed")
+            return
+        if tls is None:  # (typeshed allows it; neither loop does it)
+            self._handshake_failed("handshake failed")
+            return
+        if self.state != HANDSHAKE or tls.is_closing():  # cut meanwhile (timeout, shutdown)
+            tls.abort()
+            self._forget()  # (a close during the handshake may not reach connection_lost)
+            return
+        self.transport = tls
+        self.tls = True
+        self.state = HEAD
+
+    def _hand_over_early_bytes(self) -> None:
+        """Give the TLS layer (start_tls has just made it the socket's protocol) the bytes
+        that reached us before it, as if it had read them itself."""
+        found = self.transport.get_protocol()
+        data = self.reader.take_trailing()
+        if found is self or not hasattr(found, "buffer_updated"):
+            return  # closed meanwhile
+        layer = cast(asyncio.BufferedProtocol, found)  # (both loops' TLS layers are)
+        while data:
+            space = memoryview(layer.get_buffer(len(data)))
+            size = min(len(space), len(data))
+            space[:size] = data[:size]
+            layer.buffer_updated(size)
+            del data[:size]
+
+    def _handshake_failed(self, reason: str) -> None:
+        self.transport.abort()  # (usually closed already; abort is safe either way)
+        if self.state == HANDSHAKE:
+            # Scanners and unfinished handshakes come in floods: counted, logged aggregated.
+            self._note_rejection(reason, None)
+            self._release()
+        self._forget()
 
     def data_received(self, data: bytes) -> None:
         if self.state == RELAYING:
@@ -220,7 +288,9 @@ class Connection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.hub.closed(self, None if self.kind == OUTBOUND else self.address)
+        self._forget()
+        if self.state == HANDSHAKE:
+            return  # (asyncio's loop only) the handshake's task learns why, and tells
         if self.state == RELAYING:
             self.state = CLOSED
             self._cancel_timer()
@@ -228,6 +298,10 @@ class Connection(asyncio.Protocol):
             self._relay_leg_lost()
         else:
             self._release()
+
+    def _forget(self) -> None:
+        """Take this socket out of the hub's counts (once, however often it is called)."""
+        self.hub.closed(self, None if self.kind == OUTBOUND else self.address)
 
     def _release(self) -> None:
         """Leave the pool, the waiting line or a pending pairing, whichever this connection is
@@ -283,6 +357,11 @@ class Connection(asyncio.Protocol):
         if state == HEAD:
             self.reader.receive(data)
             self._process_heads()
+        elif state == HANDSHAKE:
+            # TLS bytes read before start_tls took the socket over (uvloop starts reading
+            # right after connection_made): kept for the TLS layer, nothing more read.
+            self.reader.receive(data)
+            self.transport.pause_reading()
         elif state in (WAITING, SETTLING):
             self.reader.receive(data)
             if len(self.reader.trailing) > WAITING_BUFFER_LIMIT and not self.reading_paused:
@@ -849,8 +928,10 @@ class Connection(asyncio.Protocol):
 
     def _head_timed_out(self) -> None:
         self.timer = None
-        if self.state in (HEAD, VERIFYING):
-            answer = responses.status_only(408) if self.reader.trailing else b""
+        if self.state in (HANDSHAKE, HEAD, VERIFYING):
+            # (mid-handshake the bytes are TLS's: no HTTP answer makes sense)
+            answer = (responses.status_only(408)
+                      if self.reader.trailing and self.state != HANDSHAKE else b"")
             self._reject("head timeout", answer, status=408)
 
     def _cancel_timer(self) -> None:
@@ -868,8 +949,10 @@ class Connection(asyncio.Protocol):
     def _note_rejection(self, reason: str, status: int | None) -> None:
         peer = self._peer_text()
         self.hub.rejected(reason, status, self.uuid, peer)
-        logs.event("rejected", reason=reason, status=status or "-", id=self.uuid or "-",
-                   peer=peer)
+        # The first of a kind from an address is logged at once, the rest as a count.
+        self.hub.repeats.event((reason.partition(": ")[0], status, self.address), "rejected",
+                               reason=reason, status=status or "-", id=self.uuid or "-",
+                               peer=peer)
 
     def _close(self) -> None:
         """Close a connection that is not relaying (relaying legs close through their peer)."""

@@ -28,6 +28,7 @@ from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from rendezvous import logs
 from rendezvous.config import Limits
 from rendezvous.protocol.digest import NonceBook
 from rendezvous.registry import Registry
@@ -185,6 +186,8 @@ class Hub(Generic[L]):
         self.registry = registry
         self.limits = limits
         self.loop = loop
+        # Rejections logged once per (reason, address) and 10 s, with counts: floods stay small.
+        self.repeats = logs.RepeatedEvents(schedule=loop.call_later)
         self.guesses = GuessLimiter(limits.guesses)
         # Digest nonces; nodes of a cluster share the key so any node checks any nonce.
         self.nonces = NonceBook(nonce_key)
@@ -218,7 +221,10 @@ class Hub(Generic[L]):
             self._per_address[address] += 1
 
     def closed(self, leg: L, address: str | None) -> None:
-        """Forget a connection counted by :meth:`opened` (with the same ``address``)."""
+        """Forget a connection counted by :meth:`opened` (with the same ``address``); once: a
+        leg whose TLS handshake failed may or may not be reported twice, depending on the loop."""
+        if leg not in self._connections:
+            return
         self._connections.discard(leg)
         if address is not None:
             if self._per_address[address] <= 1:
