@@ -42,6 +42,9 @@ PER_ADDRESS_INTERVAL = 10.0  # ... then one more every this many seconds
 PER_ID_BURST = 10  # failures against one ID at once ...
 PER_ID_INTERVAL = 120.0  # ... then one more every this many seconds
 TRUST_SECONDS = 24 * 3600  # an address that parked for an ID skips the ID's limit this long
+# Wrong visitor passwords have buckets of their own, with the same defaults (GuessLimits);
+# a connection is closed after this many, so one connection cannot pipeline guesses.
+DEFAULT_VISITOR_FAILURES_PER_CONNECTION = 3
 
 
 def default_registry_url(data_dir: Path) -> str:
@@ -68,7 +71,8 @@ class Store:
 
 @dataclass(frozen=True, slots=True)
 class GuessLimits:
-    """Settings of the failed-CONNECT limiter (server/ratelimit.py)."""
+    """Settings of a failed-guess limiter (server/ratelimit.py): CONNECT tokens, or visitor
+    passwords."""
 
     per_address_burst: int = PER_ADDRESS_BURST
     per_address_interval: float = PER_ADDRESS_INTERVAL
@@ -92,7 +96,9 @@ class Limits:
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS
     parked_timeout: float = DEFAULT_PARKED_TIMEOUT
     pair_idle_timeout: float = DEFAULT_PAIR_IDLE_TIMEOUT
-    guesses: GuessLimits = field(default_factory=GuessLimits)
+    guesses: GuessLimits = field(default_factory=GuessLimits)  # CONNECT tokens
+    visitor_guesses: GuessLimits = field(default_factory=GuessLimits)  # visitor passwords
+    visitor_failures_per_connection: int = DEFAULT_VISITOR_FAILURES_PER_CONNECTION
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +149,10 @@ class ServerConfig:
 DEFAULT_ADMIN_HOST = "127.0.0.1"
 DEFAULT_ADMIN_PORT = 8893  # where node-rendezvous's registrar listened
 ENV_ADMIN_PASSWORD = "RENDEZVOUS_ADMIN_PASSWORD"
+# Wrong admin passwords one address may try, by any way in (login form, /metrics' Bearer or
+# Basic), before 429 ... then one more every this many seconds. Each also costs 1 s in all.
+DEFAULT_ADMIN_FAILURES = 5
+DEFAULT_ADMIN_FAILURE_INTERVAL = 60.0
 
 
 def is_loopback_host(host: str) -> bool:
@@ -186,6 +196,8 @@ class AdminConfig:
     port: int = DEFAULT_ADMIN_PORT
     password: str | None = field(default=None, repr=False)  # None: no login (loopback only)
     metrics_per_id: bool = False  # a parked-connections series per ID on /metrics
+    password_failures: int = DEFAULT_ADMIN_FAILURES
+    password_failure_interval: float = DEFAULT_ADMIN_FAILURE_INTERVAL
     relay: RelayAddress = field(default_factory=lambda: RelayAddress("localhost"))
 
     def __post_init__(self) -> None:

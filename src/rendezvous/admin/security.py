@@ -6,6 +6,9 @@
 - With a password, every page and action needs a logged-in session (HTML pages redirect to the
   login form; anything else gets 401). ``/metrics`` also takes the password as a Bearer token or
   as HTTP Basic (any user name), which is what Prometheus can send.
+- Every way in checks the password through :func:`check_password`, so they share one throttle:
+  wrong passwords are checked one at a time, each costs ``LOGIN_FAILURE_DELAY``, and an address
+  past its allowance (``AdminConfig.password_failures``) gets 429 without a check.
 - Without a password the page binds loopback only (``AdminConfig`` refuses anything else), and a
   request must name a loopback ``Host``: a web page that rebinds its own DNS name to 127.0.0.1
   cannot read ours.
@@ -17,11 +20,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
 import json
+import math
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,8 +36,10 @@ from aiohttp import web
 from cryptography.fernet import Fernet, InvalidToken
 from yarl import URL
 
+from rendezvous import logs
 from rendezvous.admin.state import STATE
 from rendezvous.config import is_loopback_host
+from rendezvous.server.ratelimit import TokenBuckets
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -84,11 +92,23 @@ class Session(dict[str, Any]):
 
 
 SESSION: web.RequestKey[Session] = web.RequestKey("rendezvous_admin_session", Session)
+# Wrong passwords by client address, whichever way they came in.
+FAILURES: web.AppKey[TokenBuckets] = web.AppKey("rendezvous_admin_failures", TokenBuckets)
+
+
+class TooManyGuesses(Exception):
+    """An address spent its allowance of wrong admin passwords: retry after ``retry_after`` s."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many wrong passwords: retry in {retry_after} s")
+        self.retry_after = retry_after
 
 
 def setup(app: web.Application) -> None:
     """Install sessions, the access guard and the security headers on ``app``."""
     fernet = Fernet(Fernet.generate_key())
+    config = app[STATE].config
+    app[FAILURES] = TokenBuckets(config.password_failures, config.password_failure_interval)
 
     @web.middleware
     async def sessions(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -150,6 +170,32 @@ def password_matches(given: str, password: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8"), password.encode("utf-8"))
 
 
+async def check_password(request: web.Request, given: str, via: str) -> bool:
+    """Whether ``given`` is the admin password: the one check behind every way in (``via``
+    says which, for the log). Raises TooManyGuesses, without checking, for an address past its
+    allowance; a wrong password costs LOGIN_FAILURE_DELAY, one check at a time in all."""
+    state = request.app[STATE]
+    password = state.config.password
+    assert password is not None
+    failures = request.app[FAILURES]
+    address = request.remote or "-"
+    _refuse_if_spent(failures, address)
+    async with state.login_lock:
+        _refuse_if_spent(failures, address)  # guesses queued behind the lock spent it meanwhile
+        if password_matches(given, password):
+            return True
+        failures.spend(address, time.monotonic())
+        logs.event("admin password refused", via=via, peer=address)
+        await asyncio.sleep(LOGIN_FAILURE_DELAY)
+        return False
+
+
+def _refuse_if_spent(failures: TokenBuckets, address: str) -> None:
+    wait = failures.retry_after(address, time.monotonic())
+    if wait > 0:
+        raise TooManyGuesses(math.ceil(wait))
+
+
 def log_in(request: web.Request) -> Session:
     """Make the session a fresh logged-in one, with a new CSRF token."""
     session = get_session(request)
@@ -178,7 +224,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     session = get_session(request)
     password = state.config.password
     if password is not None and not is_authenticated(session) and path != LOGIN_PATH:
-        if path == "/metrics" and _scraper_credentials_ok(request, password):
+        if path == "/metrics" and await _scraper_credentials_ok(request):
             return await handler(request)
         if request.method in ("GET", "HEAD") and path in PAGES:
             raise web.HTTPSeeOther(URL.build(path=LOGIN_PATH, query={"next": request.path_qs}))
@@ -210,19 +256,26 @@ def _loopback_host(request: web.Request) -> bool:
     return is_loopback_host(name)
 
 
-def _scraper_credentials_ok(request: web.Request, password: str) -> bool:
-    """``Authorization: Bearer PASSWORD`` or ``Basic base64(any:PASSWORD)``."""
+async def _scraper_credentials_ok(request: web.Request) -> bool:
+    """``Authorization: Bearer PASSWORD`` or ``Basic base64(any:PASSWORD)``, checked through
+    the shared throttle (429 past it)."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     value = value.strip()
+    given: str | None = None
     if scheme.lower() == "bearer":
-        return password_matches(value, password)
-    if scheme.lower() == "basic":
+        given = value
+    elif scheme.lower() == "basic":
         try:
-            decoded = base64.b64decode(value, validate=True).decode("utf-8")
+            given = base64.b64decode(value, validate=True).decode("utf-8").partition(":")[2]
         except (binascii.Error, UnicodeDecodeError):
             return False
-        return password_matches(decoded.partition(":")[2], password)
-    return False
+    if given is None:
+        return False  # no credentials: nothing guessed, nothing spent
+    try:
+        return await check_password(request, given, via="metrics")
+    except TooManyGuesses as exc:
+        raise web.HTTPTooManyRequests(
+            text=f"{exc}\n", headers={"Retry-After": str(exc.retry_after)}) from None
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -322,13 +322,17 @@ async def login(request: web.Request) -> web.StreamResponse:
     if password is None:
         raise web.HTTPSeeOther(target)
     given = str(form.get("password") or "")
-    async with state.login_lock:
-        if not security.password_matches(given, password):
-            logs.event("admin login failed", peer=_peer(request))
-            await asyncio.sleep(security.LOGIN_FAILURE_DELAY)
-            session = get_session(request)
-            _flash(session, "error", "Wrong password.")
-            return await render(request, "login.html", status=401, next=target)
+    try:
+        matches = await security.check_password(request, given, via="login form")
+    except security.TooManyGuesses as exc:
+        _flash(get_session(request), "error",
+               f"Too many wrong passwords: try again in {exc.retry_after} s.")
+        page = await render(request, "login.html", status=429, next=target)
+        page.headers["Retry-After"] = str(exc.retry_after)
+        return page
+    if not matches:
+        _flash(get_session(request), "error", "Wrong password.")
+        return await render(request, "login.html", status=401, next=target)
     security.log_in(request)
     logs.event("admin login", peer=_peer(request))
     raise web.HTTPSeeOther(target)

@@ -12,12 +12,16 @@ from rendezvous.cli.options import (
     Formatter,
     err,
     host_port,
+    int_in,
     provisioning_options,
     runtime_options,
+    seconds,
     store,
     store_options,
 )
 from rendezvous.config import (
+    DEFAULT_ADMIN_FAILURE_INTERVAL,
+    DEFAULT_ADMIN_FAILURES,
     DEFAULT_ADMIN_HOST,
     DEFAULT_ADMIN_PORT,
     ENV_ADMIN_PASSWORD,
@@ -34,6 +38,30 @@ def admin_password_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) 
         "out of the process list). Required to listen on anything but loopback; with it, "
         "every page asks to log in",
     )
+    p.add_argument(
+        "--admin-password-failures",
+        type=int_in(1),
+        default=DEFAULT_ADMIN_FAILURES,
+        metavar="N",
+        help="wrong admin passwords one address may try, on the login form and /metrics "
+        "together, before 429 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--admin-password-failure-interval",
+        type=seconds(allow_zero=False),
+        default=DEFAULT_ADMIN_FAILURE_INTERVAL,
+        metavar="SECONDS",
+        help="then one more every SECONDS (default: %(default)s)",
+    )
+
+
+def admin_access(args: argparse.Namespace, host: str, port: int,
+                 metrics_per_id: bool = False) -> AdminConfig:
+    """Who may use the page at ``host``:``port``: the password and its guess limit."""
+    return AdminConfig(host=host, port=port, password=admin_password(args),
+                       metrics_per_id=metrics_per_id,
+                       password_failures=args.admin_password_failures,
+                       password_failure_interval=args.admin_password_failure_interval)
 
 
 def admin_password(args: argparse.Namespace) -> str | None:
@@ -71,7 +99,7 @@ def _admin(args: argparse.Namespace) -> int:
     found = store(args)
     host, port = args.listen
     # Built first: a page that would be open to the network is refused before anything happens.
-    access = AdminConfig(host=host, port=port, password=admin_password(args))
+    access = admin_access(args, host, port)
     registrar.prepare_data_dir(found, create=True)
     public = registrar.public_address(found, host=args.server_host, port=args.server_port,
                                       ca_file=args.ca, no_ca=args.no_ca)

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from rendezvous import registrar
-from rendezvous.cli.admin import admin_password, admin_password_option
+from rendezvous.cli.admin import admin_access, admin_password_option
 from rendezvous.cli.options import (
     PROG,
     Commands,
@@ -28,6 +28,7 @@ from rendezvous.config import (
     DEFAULT_ADMIN_HOST,
     DEFAULT_ADMIN_PORT,
     DEFAULT_CLUSTER_TTL,
+    DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEAD_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_HEAD_SIZE,
@@ -39,6 +40,7 @@ from rendezvous.config import (
     DEFAULT_POOL_SIZE,
     DEFAULT_PORT,
     DEFAULT_SETTLE,
+    DEFAULT_VISITOR_FAILURES_PER_CONNECTION,
     ENV_CLUSTER_KEY,
     PER_ADDRESS_BURST,
     PER_ADDRESS_INTERVAL,
@@ -148,7 +150,15 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         type=seconds(allow_zero=False),
         default=DEFAULT_HEAD_TIMEOUT,
         metavar="SECONDS",
-        help="time to finish the TLS handshake and send a request head (default: %(default)s)",
+        help="time from accept to a complete request head, TLS handshake included "
+        "(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--handshake-timeout",
+        type=seconds(allow_zero=False),
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="time to finish the TLS handshake, within the head timeout (default: %(default)s)",
     )
     limits.add_argument(
         "--max-head-size",
@@ -209,6 +219,28 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
     guesses.add_argument("--failure-interval-per-id", type=seconds(allow_zero=False),
                          default=PER_ID_INTERVAL, metavar="SECONDS",
                          help="then one more every SECONDS (default: %(default)s)")
+    visitors = p.add_argument_group(
+        "wrong visitor passwords",
+        "Entries with a visitor password: wrong passwords are limited like failed CONNECTs, by "
+        "buckets of their own; past them 429 with Retry-After, the password not checked. An "
+        "address that passed for an ID skips those buckets (it has an allowance of its own).",
+    )
+    visitors.add_argument("--visitor-failures-per-address", type=int_in(1),
+                          default=PER_ADDRESS_BURST, metavar="N",
+                          help="burst per address (default: %(default)s)")
+    visitors.add_argument("--visitor-failure-interval-per-address",
+                          type=seconds(allow_zero=False), default=PER_ADDRESS_INTERVAL,
+                          metavar="SECONDS",
+                          help="then one more every SECONDS (default: %(default)s)")
+    visitors.add_argument("--visitor-failures-per-id", type=int_in(1), default=PER_ID_BURST,
+                          metavar="N", help="burst per ID (default: %(default)s)")
+    visitors.add_argument("--visitor-failure-interval-per-id", type=seconds(allow_zero=False),
+                          default=PER_ID_INTERVAL, metavar="SECONDS",
+                          help="then one more every SECONDS (default: %(default)s)")
+    visitors.add_argument("--visitor-failures-per-connection", type=int_in(1),
+                          default=DEFAULT_VISITOR_FAILURES_PER_CONNECTION, metavar="N",
+                          help="close a connection after N wrong passwords (default: "
+                          "%(default)s)")
 
 
 def _limits(args: argparse.Namespace) -> Limits:
@@ -217,6 +249,7 @@ def _limits(args: argparse.Namespace) -> Limits:
         pair_wait=args.pair_wait,
         settle=args.settle,
         head_timeout=args.head_timeout,
+        handshake_timeout=args.handshake_timeout,
         max_head_size=args.max_head_size,
         max_headers=args.max_headers,
         max_connections=args.max_connections,
@@ -229,6 +262,13 @@ def _limits(args: argparse.Namespace) -> Limits:
             per_id_burst=args.failures_per_id,
             per_id_interval=args.failure_interval_per_id,
         ),
+        visitor_guesses=GuessLimits(
+            per_address_burst=args.visitor_failures_per_address,
+            per_address_interval=args.visitor_failure_interval_per_address,
+            per_id_burst=args.visitor_failures_per_id,
+            per_id_interval=args.visitor_failure_interval_per_id,
+        ),
+        visitor_failures_per_connection=args.visitor_failures_per_connection,
     )
 
 
@@ -308,9 +348,7 @@ def _admin_config(args: argparse.Namespace) -> AdminConfig | None:
     if given is None:
         return None
     host, port = given
-    return AdminConfig(
-        host=host, port=port, password=admin_password(args), metrics_per_id=args.metrics_per_id
-    )
+    return admin_access(args, host, port, metrics_per_id=args.metrics_per_id)
 
 
 # ---------------------------------------------------------------------------- the command

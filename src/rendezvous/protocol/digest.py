@@ -9,8 +9,10 @@ ID never reach the hidden server.
 
 Nonces are stateless to issue: a timestamp and an HMAC of it under a server key, 32 hex digits
 like the original's. A response is accepted only for a fresh nonce (``NONCE_LIFETIME``) and a
-nonce count higher than any seen before with that nonce (replay protection), and only for the
-request it was computed for: its ``uri`` must be the request target (RFC 7616 §3.4.6).
+nonce count not seen before with that nonce (replay protection; counts may arrive out of order
+by up to ``NONCE_COUNT_WINDOW``, as a client's concurrent requests on one nonce race each other),
+and only for the request it was computed for: its ``uri`` must be the request target
+(RFC 7616 §3.4.6).
 
 The client side (:func:`digest_authorization`, :func:`basic_authorization`) is what the mobile
 tunnel sends to name its hidden server; tests check it against the server side.
@@ -31,6 +33,10 @@ REALM = "rendezvous"
 OPAQUE = hashlib.md5(REALM.encode()).hexdigest()
 NONCE_LIFETIME = 300.0  # seconds a nonce may be used
 MAX_TRACKED_NONCES = 100_000  # nonce-count memory bound; the oldest are forgotten first
+# A count this far below the highest seen is refused unseen: the window of counts remembered.
+NONCE_COUNT_WINDOW = 64
+
+_WINDOW_MASK = (1 << NONCE_COUNT_WINDOW) - 1
 
 _ALGORITHMS = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
 
@@ -62,7 +68,8 @@ class NonceBook:
 
     def __init__(self, key: bytes | None = None) -> None:
         self._key = key or secrets.token_bytes(32)
-        self._counts: dict[str, int] = {}  # nonce -> highest count seen, in first-use order
+        # nonce -> (highest count seen, bit i set: count highest - 1 - i seen), in first use order
+        self._counts: dict[str, tuple[int, int]] = {}
 
     def issue(self, now: float | None = None) -> str:
         """A fresh nonce, unique to its challenge: 8 hex digits of time, 8 random, 16 of HMAC
@@ -86,11 +93,24 @@ class NonceBook:
             return "invalid"
         if not 0 <= now - issued <= NONCE_LIFETIME:
             return "stale"
-        if number <= self._counts.get(nonce, 0):
-            return "invalid"  # a replayed (or reordered) response
-        if nonce not in self._counts and len(self._counts) >= MAX_TRACKED_NONCES:
-            self._counts.pop(next(iter(self._counts)))
-        self._counts[nonce] = number
+        if number < 1:
+            return "invalid"
+        seen = self._counts.get(nonce)
+        if seen is None:
+            if len(self._counts) >= MAX_TRACKED_NONCES:
+                self._counts.pop(next(iter(self._counts)))
+            self._counts[nonce] = (number, 0)
+            return "ok"
+        highest, below = seen
+        if number > highest:  # the usual case: the next count
+            shift = number - highest
+            below = ((below << shift) | (1 << (shift - 1))) & _WINDOW_MASK
+            self._counts[nonce] = (number, below)
+            return "ok"
+        back = highest - number  # 0: the highest itself, a replay
+        if back == 0 or back > NONCE_COUNT_WINDOW or below >> (back - 1) & 1:
+            return "invalid"  # a replayed response, or one too old to tell
+        self._counts[nonce] = (highest, below | 1 << (back - 1))
         return "ok"
 
 

@@ -53,13 +53,16 @@ def bare_error(
 
 
 def full_error(
-    status: int, diagnostic: str, permanent: bool = False, close: bool = False
+    status: int, diagnostic: str, permanent: bool = False, close: bool = False,
+    extra: bytes = b"",
 ) -> bytes:
-    """A complete framed HTTP response for plain requests, which may keep the connection."""
+    """A complete framed HTTP response for plain requests, which may keep the connection;
+    ``extra`` is header lines to add (``Retry-After: 30\\r\\n``)."""
     body = error_body(diagnostic, permanent)
     return b"".join(
         [
             b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode()),
+            extra,
             b"Content-Type: application/json\r\n",
             b"Content-Length: %d\r\n" % len(body),
             b"Connection: close\r\n" if close else b"",

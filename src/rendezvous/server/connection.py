@@ -101,6 +101,7 @@ class Connection(asyncio.Protocol):
         "__weakref__",
         "entry",
         "eof",
+        "failures",
         "framer",
         "head",
         "hub",
@@ -123,6 +124,7 @@ class Connection(asyncio.Protocol):
         "transport",
         "upgrade",
         "uuid",
+        "visitor_ok",
         "writing_paused",
     )
 
@@ -157,6 +159,8 @@ class Connection(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None  # mobile: the pairing's idle check
         self.idle_seen = 0  # bytes both ways at the last idle check
         self.idle_since = 0.0
+        self.failures = 0  # wrong visitor passwords on this connection
+        self.visitor_ok = False  # the current request passed the visitor check
 
     # asyncio callbacks ---------------------------------------------------------------------
 
@@ -418,6 +422,7 @@ class Connection(asyncio.Protocol):
                 return
             self.uuid = decision.uuid
             self.head = head
+            self.visitor_ok = False
             self.since = self.hub.loop.time()
             self._request_pairing()
         elif isinstance(decision, Challenge):
@@ -532,8 +537,29 @@ class Connection(asyncio.Protocol):
         hub.wait_for(self)
         if hub.limits.pair_wait > 0:
             self.timer = hub.loop.call_later(hub.limits.pair_wait, self._not_found)
-        if cluster is not None:
-            hub.spawn(self._forward(cluster))
+        hub.spawn(self._forward(cluster) if cluster is not None else self._precheck())
+
+    async def _precheck(self) -> None:
+        await self._check_visitor_early()
+
+    async def _check_visitor_early(self) -> bool:
+        """Nothing is parked: check the visitor password now, if the entry has one, so that a
+        wrong one gets its 401 at once whether or not the hidden server is online (the 404
+        after pair_wait tells only someone who knows the password). False if refused."""
+        hub = self.hub
+        try:
+            entry = await hub.registry.get(self.uuid)
+        except Exception:  # the pairing, if any, checks with its parked connection's entry
+            return self.state == WAITING
+        if self.state != WAITING or self.visitor_ok:
+            return self.state == WAITING
+        if entry is None or entry.visitor is None:
+            return True
+        verdict, wait = self._visitor_verdict(entry.visitor)
+        if verdict != "ok":
+            self._refuse_visitor(verdict, wait)
+            return False
+        return True
 
     async def _forward(self, cluster: Cluster) -> None:
         """Hand this client to another node that holds a parked connection for its ID.
@@ -542,6 +568,8 @@ class Connection(asyncio.Protocol):
         node, wins. With none yet, Redis is asked again (more and more slowly) until pair_wait
         runs out: the hidden server is often re-parking somewhere just then.
         """
+        if not await self._check_visitor_early():  # here, before any node sees a guess
+            return
         delay = FORWARD_RETRY_FIRST
         while self.state == WAITING:
             for node, address in await cluster.locate(self.uuid):
@@ -605,13 +633,13 @@ class Connection(asyncio.Protocol):
         """Pair this mobile leg with a parked hidden leg, after the hidden leg has settled."""
         hub = self.hub
         secret = hidden.entry.visitor if hidden.entry is not None else None
-        if secret is not None:
-            verdict = self._check_visitor(secret)
+        if secret is not None and not self.visitor_ok:
+            verdict, wait = self._visitor_verdict(secret)
             if verdict != "ok":
                 waiting = hub.return_to_pool(hidden)
                 if waiting is not None:
                     waiting.pair_with(hidden)
-                self._refuse_visitor(stale=verdict == "stale")
+                self._refuse_visitor(verdict, wait)
                 return
         self._cancel_timer()
         self.peer, hidden.peer = hidden, self
@@ -633,13 +661,44 @@ class Connection(asyncio.Protocol):
         return digest.verify(authorization, head.method, self.uuid, secret, self.hub.nonces,
                              target=head.target)
 
-    def _refuse_visitor(self, stale: bool) -> None:
-        """401 with a fresh challenge (SHA-256 and MD5) to a client that failed the check."""
+    def _visitor_verdict(self, secret: VisitorSecret) -> tuple[str, float]:
+        """The visitor check of the request being paired under the guess limits: "ok",
+        "stale", "invalid", or "limited" (not checked: retry after the seconds given)."""
+        hub = self.hub
         head = self.head
         assert head is not None
-        close = head.is_upgrade or not head.keep_alive
+        if head.header(b"authorization") is None:  # named by ?rendezvous=ID: no guess made
+            return "invalid", 0.0
+        limiter = hub.visitor_guesses
+        now = hub.loop.time()
+        wait = limiter.retry_after(self.address, self.uuid, now)
+        if wait > 0:
+            return "limited", wait
+        verdict = self._check_visitor(secret)
+        if verdict == "ok":
+            limiter.succeeded(self.address, self.uuid, now)
+            self.visitor_ok = True
+        elif verdict == "invalid":  # ("stale": the right password on an old nonce)
+            limiter.failed(self.address, self.uuid, now)
+            self.failures += 1
+        return verdict, 0.0
+
+    def _refuse_visitor(self, verdict: str, wait: float = 0.0) -> None:
+        """Answer a client that failed the visitor check: 401 with a fresh challenge (SHA-256
+        and MD5), closing after a few failures on one connection; or, past the guess limits,
+        429 with Retry-After and a close."""
+        head = self.head
+        assert head is not None
+        if verdict == "limited":
+            header = b"Retry-After: %d\r\n" % math.ceil(wait)
+            answer = (responses.bare_error(429, DIAG_TOO_MANY, extra=header) if head.is_upgrade
+                      else responses.full_error(429, DIAG_TOO_MANY, close=True, extra=header))
+            self._answer_request("too many visitor guesses", 429, answer, close=True)
+            return
+        close = (head.is_upgrade or not head.keep_alive
+                 or self.failures >= self.hub.limits.visitor_failures_per_connection)
         answer = responses.challenge(head.is_upgrade, close, authenticate=digest.challenge_headers(
-            self.hub.nonces, stale))
+            self.hub.nonces, verdict == "stale"))
         self._answer_request("visitor not authorized", 401, answer, close)
 
     def _start_relay(self) -> None:

@@ -189,6 +189,7 @@ class Hub(Generic[L]):
         # Rejections logged once per (reason, address) and 10 s, with counts: floods stay small.
         self.repeats = logs.RepeatedEvents(schedule=loop.call_later)
         self.guesses = GuessLimiter(limits.guesses)
+        self.visitor_guesses = GuessLimiter(limits.visitor_guesses)  # visitor passwords
         # Digest nonces; nodes of a cluster share the key so any node checks any nonce.
         self.nonces = NonceBook(nonce_key)
         self.closing = False  # shutting down: connections that arrive now are cut
