@@ -483,3 +483,25 @@ def test_tls12_offers_no_cbc_suites(tmp_path: Path) -> None:
         with tls12.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
             name, version, _ = sock.cipher()  # type: ignore[misc]
             assert version == "TLSv1.2" and ("GCM" in name or "CHACHA20" in name), name
+
+
+def test_every_new_limit_has_a_serve_flag() -> None:
+    from rendezvous.cli import build_parser
+    from rendezvous.cli.serve import _admin_config, _limits
+
+    args = build_parser().parse_args([
+        "serve", "--handshake-timeout", "3", "--visitor-failures-per-address", "7",
+        "--visitor-failure-interval-per-address", "8", "--visitor-failures-per-id", "9",
+        "--visitor-failure-interval-per-id", "11", "--visitor-failures-per-connection", "2",
+        "--admin", "--admin-password-failures", "4", "--admin-password-failure-interval", "30",
+    ])
+    limits = _limits(args)
+    assert limits.handshake_timeout == 3.0
+    assert limits.visitor_guesses == GuessLimits(per_address_burst=7, per_address_interval=8.0,
+                                                 per_id_burst=9, per_id_interval=11.0)
+    assert limits.visitor_failures_per_connection == 2
+    admin = _admin_config(args)
+    assert admin is not None
+    assert (admin.password_failures, admin.password_failure_interval) == (4, 30.0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--handshake-timeout", "0"])
