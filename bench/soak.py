@@ -13,9 +13,13 @@ seconds, on one asyncio loop in this process:
   an unknown ID); every good pairing's bytes are verified both ways by sha256; some clients
   pipeline two requests for two IDs in one write on one connection, and each must be answered
   by its own hidden server;
-* attackers from 127.0.0.2-127.0.0.9 guess TOTP codes for the real IDs (and unknown ones), and
-  hold hundreds of slow or half-open connections (TCP with no handshake, half a ClientHello, a
-  handshake and no head, a head one line a second, junk).
+* attackers from 127.0.0.2-127.0.0.9 guess TOTP codes for the real IDs (and unknown ones),
+  guess the visitor password of an entry that has one (pipelining guesses on each connection),
+  and hold hundreds of slow or half-open connections (TCP with no handshake, half a ClientHello,
+  a handshake and no head, a head one line a second, junk);
+* a flood from 127.0.0.10 keeps more bare TCP connections open than the relay's per-address
+  cap: those over it must be closed at once, the rest at the handshake deadline; meanwhile
+  visitors with the right password keep getting through to the entry that has one.
 
 The load runs in two phases (a third and two thirds of the duration), each ended by a full
 stop, so the relay's numbers can be taken quiet before, between and after. Then the relay is
@@ -46,6 +50,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import resource
 import signal
 import socket
@@ -83,6 +88,19 @@ LINGER_ZERO = struct.pack("ii", 1, 0)
 RELAY_HEAD_TIMEOUT = 5.0
 QUICK_HEAD_TIMEOUT = 2.0
 RELAY_PAIR_WAIT = 2.0
+# The bare-socket flood: its own address, the relay's cap per address, and the TLS handshake's
+# deadline (inside the head timeout), so the flood's sockets churn.
+FLOOD_SOURCE = "127.0.0.10"
+RELAY_MAX_PER_ADDRESS = 256
+QUICK_MAX_PER_ADDRESS = 128
+FLOOD_OVER_CAP = 64  # sockets each flood round opens beyond the cap
+RELAY_HANDSHAKE_TIMEOUT = 3.0
+QUICK_HANDSHAKE_TIMEOUT = 1.5
+AT_ONCE = 0.5  # seconds: a flood socket closed this soon was refused at accept
+# One entry has a visitor password: good pairings to it send it; guessers try others.
+VISITOR_PASSWORD = "soak visitor password"
+VISITOR_FAILURES_PER_CONNECTION = 3  # the relay's default (--visitor-failures-per-connection)
+GUESSES_PER_CONNECTION = 8  # pipelined by each visitor guesser on each connection
 
 # Tolerances for "nothing grew". Descriptors: quiet after each phase against quiet before the
 # first; any leaked socket shows. RSS is coarser: glibc keeps the heap of the busiest moment
@@ -140,6 +158,9 @@ class Settings:
     max_pairings: int
     guess_pace: float  # seconds between one guesser's attempts
     head_timeout: float  # the relay's --head-timeout
+    handshake_timeout: float  # the relay's --handshake-timeout
+    max_per_address: int  # the relay's --max-per-address (the flood exceeds it)
+    visitor_guessers: int
 
 
 @dataclass
@@ -158,6 +179,9 @@ class Results:
     hidden: Counter[str] = field(default_factory=Counter)
     challenges: int = 0
     cross_id: int = 0  # pipelined two-ID connections answered right, both ways verified
+    visitor: Counter[str] = field(default_factory=Counter)  # visitor guesses' answers
+    flood: Counter[str] = field(default_factory=Counter)
+    flood_lifetimes: list[float] = field(default_factory=list)  # of those held to the deadline
 
     def fail(self, kind: str, detail: str = "") -> None:
         self.unexpected[kind] += 1
@@ -171,6 +195,7 @@ class HiddenEntry:
     base32: str
     step: int
     digits: int
+    password: str | None = None  # its visitor password, if it has one
 
 
 # The relay process ---------------------------------------------------------------------------
@@ -185,8 +210,9 @@ def free_port() -> int:
 class Relay:
     """``rendezvous serve`` as a subprocess, and its /proc numbers."""
 
-    def __init__(self, workdir: Path, head_timeout: float) -> None:
-        self.head_timeout = head_timeout
+    def __init__(self, workdir: Path, settings: Settings) -> None:
+        self.head_timeout = settings.head_timeout
+        self.settings = settings
         self.data_dir = workdir / "data"
         self.log_path = workdir / "relay.log"
         self.port = free_port()
@@ -198,7 +224,9 @@ class Relay:
     def start(self) -> None:
         args = [sys.executable, "-m", "rendezvous", "serve", "--host", HOST, "--port",
                 str(self.port), "--data-dir", str(self.data_dir), "--log-format", "json",
-                "--head-timeout", str(self.head_timeout), "--pair-wait", str(RELAY_PAIR_WAIT)]
+                "--head-timeout", str(self.head_timeout), "--pair-wait", str(RELAY_PAIR_WAIT),
+                "--handshake-timeout", str(self.settings.handshake_timeout),
+                "--max-per-address", str(self.settings.max_per_address)]
         self.hook_dir.mkdir(parents=True, exist_ok=True)
         (self.hook_dir / "sitecustomize.py").write_text(TRIM_HOOK)
         env = dict(os.environ, SOAK_TRIM_TRIGGER=str(self.trim_trigger))
@@ -247,23 +275,26 @@ class Relay:
         return self.rss()
 
     def add_entries(self, count: int) -> tuple[list[HiddenEntry], str | None]:
-        """``users add --json`` ``count`` times (in parallel); the entries and the CA PEM."""
+        """``users add --json`` ``count`` times (in parallel), the last with a visitor
+        password; the entries and the CA PEM."""
         procs = [subprocess.Popen(
             [sys.executable, "-m", "rendezvous", "users", "add", "--json", "--data-dir",
              str(self.data_dir), "--server-host", HOST, "--server-port", str(self.port),
-             "--label", f"soak-{index}"],
+             "--label", f"soak-{index}",
+             *(["--visitor-password", VISITOR_PASSWORD] if index == count - 1 else [])],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for index in range(count)]
         entries: list[HiddenEntry] = []
         ca: str | None = None
-        for proc in procs:
+        for index, proc in enumerate(procs):
             out, err = proc.communicate(timeout=60)
             if proc.returncode != 0:
                 raise RuntimeError(f"users add failed: {err.decode(errors='replace')}")
             document = json.loads(out)
             auth = document["authParams"]
             entries.append(HiddenEntry(document["uuid"], auth["base32"], int(auth["step"]),
-                                       int(auth.get("digits", 6))))
+                                       int(auth.get("digits", 6)),
+                                       VISITOR_PASSWORD if index == count - 1 else None))
             ca = document["server"].get("ca") or ca
         return entries, ca
 
@@ -284,6 +315,7 @@ class Relay:
         """Events by name, rejections by reason, and error lines, from the JSON log."""
         events: Counter[str] = Counter()
         rejections: Counter[str] = Counter()
+        repeats = 0  # rejections logged as a count on a summary line, not one line each
         errors: list[str] = []
         with self.log_path.open("rb") as log:
             log.seek(since)
@@ -297,11 +329,13 @@ class Relay:
                     events[str(record.get("event"))] += 1
                     if record.get("event") == "rejected":
                         rejections[str(record.get("reason"))] += 1
+                        repeats += int(record.get("repeats") or 0)
                     if record.get("level") in ("error", "critical") or "exception" in record:
                         errors.append(line[:500])
                 elif any(word in line for word in ("Traceback", "Error", "error", "Fatal")):
                     errors.append(line[:500])
         return {"events": dict(events.most_common()), "rejections": dict(rejections.most_common()),
+                "rejection_lines": sum(rejections.values()), "rejections_counted": repeats,
                 "error_lines": len(errors), "error_samples": errors[:10]}
 
 
@@ -340,7 +374,10 @@ async def close(writer: asyncio.StreamWriter, timeout: float = 5.0) -> None:
         await asyncio.wait_for(writer.wait_closed(), timeout)
 
 
-def authorization(uuid: str, rng: random.Random, target: str) -> str:
+def authorization(uuid: str, rng: random.Random, target: str, password: str | None = None
+                  ) -> str:
+    if password is not None:  # an entry with a visitor password: the right one
+        return "Basic " + base64.b64encode(f"{uuid}:{password}".encode()).decode()
     if rng.random() < 0.5:
         return "Basic " + base64.b64encode(f"{uuid}:{rng.randrange(10**6)}".encode()).decode()
     return (f'Digest username="{uuid}", realm="rendezvous", nonce="{rng.randbytes(16).hex()}", '
@@ -479,6 +516,11 @@ class Soak:
             if "authorization" in fields:
                 results.fail("hidden: Authorization forwarded", line)
             parts = line.split(" ")
+            if len(parts) == 3 and parts[1].startswith("/visitor-guess"):
+                results.attacker_successes += 1
+                results.fail("a visitor guess reached the hidden server", line)
+                rst(writer)
+                return
             if len(parts) != 3 or parts[0] != "POST" or not parts[1].startswith("/soak?"):
                 results.fail("hidden: unexpected request", line)
                 rst(writer)
@@ -587,9 +629,10 @@ class Soak:
             except TimeoutError:
                 self.results.fail("mobile: pairing timed out", fault)
 
-    async def pairing(self, rng: random.Random, fault: str) -> None:
+    async def pairing(self, rng: random.Random, fault: str,
+                      entry: HiddenEntry | None = None) -> None:
         results = self.results
-        entry = rng.choice(self.entries)
+        entry = entry or rng.choice(self.entries)
         uuid = entry.uuid if fault != "not_registered" else f"unknown-{rng.randrange(10**9)}"
         up, down = random_size(rng), random_size(rng)
         if fault == "mobile_reset":
@@ -607,7 +650,7 @@ class Soak:
         up_sha = hashlib.sha256(upload).hexdigest()
         target = f"/soak?up={up}&down={down}&fault={fault}&n={self.pairings_begun}"
         head = (f"POST {target} HTTP/1.1\r\nHost: soak\r\nUser-Agent: soak\r\n"
-                f"Authorization: {authorization(uuid, rng, target)}\r\n"
+                f"Authorization: {authorization(uuid, rng, target, entry.password)}\r\n"
                 f"Content-Length: {up}\r\nX-Up-Sha256: {up_sha}\r\n\r\n").encode()
         try:
             reader, writer = await self.open()
@@ -649,7 +692,8 @@ class Soak:
             upload = self.payload(rng, up)
             target = f"/soak?up={up}&down={down}&fault=none&n={self.pairings_begun}"
             data += (f"POST {target} HTTP/1.1\r\nHost: soak\r\nUser-Agent: soak-pipelined\r\n"
-                     f"Authorization: {authorization(entry.uuid, rng, target)}\r\n"
+                     f"Authorization: {authorization(entry.uuid, rng, target, entry.password)}"
+                     "\r\n"
                      f"Content-Length: {up}\r\n"
                      f"X-Up-Sha256: {hashlib.sha256(upload).hexdigest()}\r\n\r\n").encode()
             data += upload
@@ -814,6 +858,85 @@ class Soak:
             rst(writer)
             await asyncio.sleep(self.settings.guess_pace)
 
+    async def visitor_guesser(self, source: str, rng: random.Random) -> None:
+        """Guess the visitor password of the entry that has one, pipelining several guesses
+        on each connection: the relay must close it after a few and then answer 429."""
+        results = self.results
+        uuid = next(e.uuid for e in self.entries if e.password is not None)
+        while not self.stopping:
+            try:
+                reader, writer = await self.open(source)
+            except (TimeoutError, OSError):
+                results.visitor["connect failed"] += 1
+                await asyncio.sleep(self.settings.guess_pace)
+                continue
+            for _ in range(GUESSES_PER_CONNECTION):
+                guess = base64.b64encode(f"{uuid}:{rng.randrange(10**9)}".encode()).decode()
+                writer.write(f"GET /visitor-guess HTTP/1.1\r\nHost: soak\r\n"
+                             f"Authorization: Basic {guess}\r\n\r\n".encode())
+            answer = bytearray()
+            closed = False
+            with contextlib.suppress(TimeoutError, OSError):
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    while chunk := await reader.read(65536):
+                        answer += chunk
+                    closed = True
+            codes = [code.decode() for code in re.findall(rb"^HTTP/1\.1 (\d{3})", answer,
+                                                          re.MULTILINE)]
+            results.visitor["guesses"] += len(codes)
+            for code in codes:
+                results.visitor[code] += 1
+                if code not in ("401", "429"):
+                    results.attacker_successes += code == "200"
+                    results.fail("visitor guess answered", code)
+            if closed:
+                results.visitor["closed by the relay"] += 1
+            if codes.count("401") > VISITOR_FAILURES_PER_CONNECTION:
+                results.fail("relay let one connection guess more than "
+                             f"{VISITOR_FAILURES_PER_CONNECTION} times", str(codes))
+            rst(writer)
+            await asyncio.sleep(self.settings.guess_pace)
+
+    async def flooder(self) -> None:
+        """Keep more bare TCP connections open from one address than the relay's cap, round
+        after round: those over the cap must be closed at once, the rest at the handshake
+        deadline, and nobody else may notice."""
+        results = self.results
+        settings = self.settings
+        size = settings.max_per_address + FLOOD_OVER_CAP
+        while not self.stopping:
+            opened = await asyncio.gather(*(self.open(FLOOD_SOURCE, tls=False)
+                                            for _ in range(size)), return_exceptions=True)
+            pairs = [found for found in opened if not isinstance(found, BaseException)]
+            results.flood["opened"] += len(pairs)
+            results.flood["open failed"] += size - len(pairs)
+            started = time.monotonic()
+            await asyncio.gather(*(self._flood_wait(reader, writer, started)
+                                   for reader, writer in pairs))
+
+    async def _flood_wait(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                          started: float) -> None:
+        results = self.results
+        limit = self.settings.handshake_timeout + 5.0
+        try:
+            async with asyncio.timeout(limit):
+                while not self.stopping and await reader.read(65536):
+                    pass
+        except TimeoutError:
+            results.fail("relay held a bare socket past its handshake deadline",
+                         f"{limit:.1f} s")
+        except OSError:
+            pass
+        lifetime = time.monotonic() - started
+        if self.stopping and lifetime < self.settings.handshake_timeout - AT_ONCE:
+            pass  # cut by us at the phase's end
+        elif lifetime < AT_ONCE:
+            results.flood["closed at once"] += 1
+        else:
+            results.flood["closed at the handshake deadline"] += 1
+            results.flood_lifetimes.append(lifetime)
+        rst(writer)
+
     async def slow_peer(self, slot: int, rng: random.Random) -> None:
         """Hold one slow or half-open connection after another until the soak ends; each must
         be cut by the relay within its head timeout."""
@@ -935,11 +1058,19 @@ class Soak:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"hidden servers did not park: {dict(self.parked)}")
             await asyncio.sleep(0.05)
+        # And a visitor with the password gets in once from its address, as real ones have.
+        guarded = next(e for e in self.entries if e.password is not None)
+        async with asyncio.timeout(PAIRING_TIMEOUT):
+            await self.pairing(random.Random(rng.random()), "none", guarded)
         attackers = [self.spawn(self.guesser(ATTACKERS[i % len(ATTACKERS)],
                                              random.Random(rng.random())))
                      for i in range(settings.guessers)]
         attackers += [self.spawn(self.slow_peer(i, random.Random(rng.random())))
                       for i in range(settings.slow)]
+        attackers += [self.spawn(self.visitor_guesser(ATTACKERS[i % len(ATTACKERS)],
+                                                      random.Random(rng.random())))
+                      for i in range(settings.visitor_guessers)]
+        attackers.append(self.spawn(self.flooder()))
         workers = [self.spawn(self.mobile_worker(random.Random(rng.random())))
                    for _ in range(settings.workers)]
         await asyncio.sleep(duration)
@@ -1043,6 +1174,22 @@ def build_report(settings: Settings, soak: Soak, relay: Relay, log: dict[str, An
         "unexpected_errors": dict(r.unexpected.most_common()),
         "unexpected_samples": r.unexpected_samples,
         "hidden": dict(r.hidden),
+        "visitor_guessing": {
+            "guesses": r.visitor["guesses"],
+            "answers": {k: v for k, v in sorted(r.visitor.items()) if k != "guesses"},
+            "401s": r.visitor["401"],
+            "429s": r.visitor["429"],
+            "closed_by_relay": r.visitor["closed by the relay"],
+        },
+        "flood": {
+            "source": FLOOD_SOURCE,
+            "relay_max_per_address": settings.max_per_address,
+            "opened": r.flood["opened"],
+            "open_failed": r.flood["open failed"],
+            "closed_at_once": r.flood["closed at once"],
+            "closed_at_handshake_deadline": r.flood["closed at the handshake deadline"],
+            "longest_s": round(max(r.flood_lifetimes, default=0), 2),
+        },
         "attackers": {
             "guesses": r.attack["guesses"],
             "answers": {k: v for k, v in sorted(r.attack.items()) if k != "guesses"},
@@ -1091,6 +1238,14 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"  attackers: {a['guesses']} guesses, answers {a['answers']}, "
           f"successes {a['successes']}; {a['slow_held_at_once']} slow peers at once, "
           f"{a['slow_cut_by_relay']} cut by the relay (longest {a['slow_lifetime_max_s']} s)")
+    v, f = report["visitor_guessing"], report["flood"]
+    print(f"  visitor guesses: {v['guesses']}, answers {v['answers']}")
+    print(f"  bare-socket flood from {f['source']} (cap {f['relay_max_per_address']}): "
+          f"{f['opened']} opened, {f['closed_at_once']} closed at once, "
+          f"{f['closed_at_handshake_deadline']} at the handshake deadline "
+          f"(longest {f['longest_s']} s)")
+    print(f"  relay log: {rl['log']['rejection_lines']} rejection lines, "
+          f"{rl['log']['rejections_counted']} more rejections counted on them")
     fds, rss, trimmed = rl["fds"], rl["rss_mib"], rl["rss_trimmed_mib"]
     print(f"  relay pid {rl['pid']}: exit {rl['exit_code']}, log errors {rl['log']['error_lines']}")
     print(f"    descriptors: {fds['start']} at start, {fds['between_phases']} between the phases, "
@@ -1116,6 +1271,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     parser.add_argument("--slow", type=int, default=None,
                         help="slow or half-open attacker connections held at once")
     parser.add_argument("--guessers", type=int, default=8, help="token-guessing attackers")
+    parser.add_argument("--visitor-guessers", type=int, default=2,
+                        help="visitor-password guessing attackers (default: %(default)s)")
     parser.add_argument("--fault-rate", type=float, default=0.2,
                         help="share of pairings with an injected fault (default: %(default)s)")
     parser.add_argument("--cross-id-rate", type=float, default=0.1,
@@ -1146,6 +1303,9 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         max_pairings=args.max_pairings,
         guess_pace=0.1,
         head_timeout=QUICK_HEAD_TIMEOUT if quick else RELAY_HEAD_TIMEOUT,
+        handshake_timeout=QUICK_HANDSHAKE_TIMEOUT if quick else RELAY_HANDSHAKE_TIMEOUT,
+        max_per_address=QUICK_MAX_PER_ADDRESS if quick else RELAY_MAX_PER_ADDRESS,
+        visitor_guessers=args.visitor_guessers,
     )
     return settings, args
 
@@ -1154,7 +1314,7 @@ def main(argv: list[str] | None = None) -> int:
     settings, args = parse_args(argv)
     began = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="rendezvous-soak-"))
-    relay = Relay(workdir, settings.head_timeout)
+    relay = Relay(workdir, settings)
     report: dict[str, Any] | None = None
     try:
         relay.start()

@@ -1,5 +1,6 @@
 """The soak script's short form (bench/soak.py --quick): a relay subprocess under verified
-pairings with injected faults, token guessers and slow peers, for about 20 seconds."""
+pairings with injected faults, token and visitor-password guessers, slow peers and a bare-socket
+flood, for about 20 seconds."""
 
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def test_quick_soak_passes_with_every_good_pairing_verified(tmp_path: Path) -> N
     assert attackers["successes"] == 0
     assert attackers["guesses"] > 0 and attackers["429s"] > 0  # the limiter answered
     assert attackers["slow_cut_by_relay"] > 0
+    visitors = report["visitor_guessing"]  # pipelined visitor-password guesses
+    assert visitors["401s"] > 0 and visitors["429s"] > 0 and visitors["closed_by_relay"] > 0
+    flood = report["flood"]  # more bare sockets from one address than its cap
+    assert flood["closed_at_once"] > 0 and flood["closed_at_handshake_deadline"] > 0
+    log = report["relay"]["log"]
+    assert log["rejections_counted"] > log["rejection_lines"]  # floods logged as counts
     assert sum(report["faults_expected_outcomes"].values()) > 0
     relay = report["relay"]
     assert relay["exit_code"] == 0

@@ -9,7 +9,8 @@ Series (``rendezvous_`` prefix):
     parked_connections              gauge    connections parked now
     id_parked_connections{id}       gauge    the same per ID (only with --metrics-per-id)
     active_pairings                 gauge    pairings relaying now
-    open_connections                gauge    accepted connections not yet closed
+    open_connections                gauge    accepted connections not yet closed (those
+                                             in their TLS handshake too)
     parks_total                     counter  connections parked since start
     pairings_total                  counter  pairings started since start
     rejections_total{reason}        counter  refused peers, by reason
