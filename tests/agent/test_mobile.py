@@ -159,6 +159,31 @@ def test_plain_httpx_follows_a_redirect_chain_through_the_tunnel(
     assert_no_authorization(seen)
 
 
+def test_every_request_through_the_tunnel_names_its_hidden_server(
+        tunnel: Tunnel, relay: Relay) -> None:
+    """The relay routes each request by its own Authorization: the tunnel puts its own in
+    every head, over the local client's (here one naming some other user), and every request
+    of the keep-alive connection reaches the same hidden server, none with a credential."""
+    start = len(relay.hidden.requests)
+    body = random.Random(9).randbytes(100_000)
+    with httpx.Client(base_url=tunnel.url, timeout=CLIENT_TIMEOUT,
+                      auth=httpx.BasicAuth("someone-else", "pw")) as local:
+        paths = []
+        for n in range(3):
+            response = local.get(f"/named/{n}")
+            assert response.status_code == 200, response.text
+            paths.append(response.json()["path"])
+            posted = local.post("/upload", content=iter([body[:n * 1000], body[n * 1000:]]))
+            assert posted.json() == {"length": len(body),
+                                     "sha256": hashlib.sha256(body).hexdigest()}
+    assert paths == ["/named/0", "/named/1", "/named/2"]
+    seen = relay.seen_since(start)
+    assert [r.path for r in seen] == ["/named/0", "/upload", "/named/1", "/upload",
+                                      "/named/2", "/upload"]
+    assert len({r.pairing for r in seen}) == 1
+    assert_no_authorization(seen)
+
+
 def test_post_of_a_few_mebibytes_arrives_intact(tunnel: Tunnel, relay: Relay) -> None:
     payload = random.Random(3).randbytes(4 << 20)
     start = len(relay.hidden.requests)

@@ -222,3 +222,12 @@ def test_a_body_reader_counts_and_ends() -> None:
     assert body.consume(b"abcdef") == 4 and body.done
     chunked = BodyReader.chunked()
     assert chunked.consume(b"3\r\nabc\r\n0\r\n\r\nGET") == 13 and chunked.done
+
+
+def test_a_later_head_with_bare_line_feeds_is_refused_at_once() -> None:
+    """As a first head is (the HeadReader's rule), not after the head timeout."""
+    framer = RequestFramer(16384, 100)
+    drive([GET_A], framer)
+    framer.feed(b"GET /b HTTP/1.1\nHost: r\n\n")
+    with pytest.raises(HeadError):
+        framer.next_event()

@@ -299,6 +299,16 @@ def test_pairing_forwards_head_without_authorization_and_the_bytes_after_it(
         assert recv_until(hidden, b"\r\n\r\n") == b"GET /2 HTTP/1.1\r\n\r\n"
         hidden.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
         assert recv_exactly(mobile, 27) == b"HTTP/1.1 204 No Content\r\n\r\n"
+        # One naming no ID gets the relay's challenge, and the pairing goes on: the retry
+        # with credentials for this ID reaches the same server.
+        mobile.sendall(b"GET /unnamed HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
+        head, _ = read_response(mobile)
+        assert head.startswith(b"HTTP/1.1 401 ") and b"WWW-Authenticate: Digest" in head
+        mobile.sendall(f"GET /named HTTP/1.1\r\nAuthorization: {basic(entry.uuid)}\r\n\r\n"
+                       .encode())
+        assert recv_until(hidden, b"\r\n\r\n") == b"GET /named HTTP/1.1\r\n\r\n"
+        hidden.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        assert recv_exactly(mobile, 27) == b"HTTP/1.1 204 No Content\r\n\r\n"
         # One naming another ID never reaches it: answered as a first request (404 here).
         mobile.sendall(f"GET /3 HTTP/1.1\r\nAuthorization: {basic('someone-else')}\r\n\r\n"
                        .encode())

@@ -5,7 +5,9 @@ Clients pool connections per origin and every ID shares the relay's, so one conn
 requests for several IDs. A real relay with three hidden HTTP servers (A, B and V, which has a
 visitor password) and one ID with none (C): real curl, requests, httpx and Chromium send requests
 for several IDs on one connection; each reaches its own hidden server, none reaches another, and
-no hidden server ever sees an ``Authorization`` header.
+no hidden server ever sees an ``Authorization`` header. A later request that names no ID gets
+the relay's challenge (a Digest client's first request for a new ID has no credentials), and
+the pairing goes on when the retry names the same ID.
 """
 
 from __future__ import annotations
@@ -166,8 +168,8 @@ def test_requests_session_across_ids(relay: Relay) -> None:
                                timeout=CLIENT_TIMEOUT)
 
         first = get("/r1", HTTPBasicAuth(ids["A"], "x"))
-        second = get("/r2", HTTPBasicAuth(ids["B"], "x"))
-        third = get("/r3", HTTPBasicAuth(ids["V"], PASSWORD))
+        second = get("/r2", HTTPDigestAuth(ids["B"], "x"))  # first without credentials
+        third = get("/r3", HTTPDigestAuth(ids["V"], PASSWORD))
         fourth = get("/r4", HTTPBasicAuth(ids["C"], "x"))
         fifth = get("/r5", HTTPBasicAuth(ids["V"], "wrong"))
         sixth = get("/r6", HTTPBasicAuth(ids["A"], "x"))
@@ -213,16 +215,18 @@ def test_httpx_client_across_ids_with_bodies(relay: Relay) -> None:
         one = client.post(relay.url("/up1"), content=fixed, auth=httpx.BasicAuth(ids["A"], "x"))
         two = client.post(relay.url("/up2"), content=iter(chunks),
                           auth=httpx.BasicAuth(ids["B"], "x"))
-        three = client.get(relay.url("/g3"), auth=httpx.BasicAuth(ids["V"], PASSWORD))
+        three = client.get(relay.url("/g3"), auth=httpx.DigestAuth(ids["V"], PASSWORD))
         four = client.post(relay.url("/up4"), content=iter(chunks),
                            auth=httpx.BasicAuth(ids["A"], "x"))
-        five = client.get(relay.url("/g5"))  # no credentials: the same hidden server as before
+        five = client.get(relay.url("/g5"))  # no credentials: the relay's challenge
+        six = client.get(relay.url("/g6"), auth=httpx.DigestAuth(ids["A"], "x"))
     assert one.json() == {"length": len(fixed), "sha256": hashlib.sha256(fixed).hexdigest()}
     expected = {"length": len(streamed), "sha256": hashlib.sha256(streamed).hexdigest()}
     assert two.json() == expected and four.json() == expected
     assert three.status_code == 200 and three.json()["path"] == "/g3"
-    assert five.status_code == 200 and five.json()["path"] == "/g5"
-    assert relay.seen("A") == ["/up1", "/up4", "/g5"]
+    assert five.status_code == 401 and "Digest" in five.headers["WWW-Authenticate"]
+    assert six.status_code == 200 and six.json()["path"] == "/g6"
+    assert relay.seen("A") == ["/up1", "/up4", "/g6"]
     assert relay.seen("B") == ["/up2"]
     assert relay.seen("V") == ["/g3"]
     (chunked,) = [r for r in relay.hidden["B"].requests if r.path == "/up2"]
@@ -273,8 +277,9 @@ def test_chromium_fetches_two_ids_in_one_context(relay: Relay) -> None:
 
 
 def test_pipelined_requests_for_two_ids_wait_for_the_first_answer(relay: Relay) -> None:
-    """Three requests in one write: A's; B's, which must not reach A, and must not be answered
-    before A's answer is through; then one with no credentials, which goes where B's went."""
+    """Four requests in one write: A's; B's, which must not reach A, and must not be answered
+    before A's answer is through; one with no credentials, which the relay challenges after
+    B's answer; then B's again, on the same pairing."""
     ids = relay.ids
     body = b"0123456789" * 1000
     with relay.server.connect() as sock:
@@ -282,13 +287,19 @@ def test_pipelined_requests_for_two_ids_wait_for_the_first_answer(relay: Relay) 
             f"POST /p1 HTTP/1.1\r\nHost: r\r\nAuthorization: {basic(ids['A'])}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n".encode() + body
             + f"GET /p2 HTTP/1.1\r\nHost: r\r\nAuthorization: {basic(ids['B'])}\r\n\r\n".encode()
-            + b"GET /p3 HTTP/1.1\r\nHost: r\r\n\r\n")
-        answers = [read_response(sock) for _ in range(3)]
-    assert [json.loads(body) .get("path") for _, body in answers] == [None, "/p2", "/p3"]
+            + b"POST /p3 HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"5\r\nGET /\r\n0\r\n\r\n"  # a body that looks like a head: dropped with it
+            + f"GET /p4 HTTP/1.1\r\nHost: r\r\nAuthorization: {basic(ids['B'])}\r\n\r\n"
+            .encode())
+        answers = [read_response(sock) for _ in range(4)]
+    assert answers[2][0].startswith(b"HTTP/1.1 401 ")
+    assert [json.loads(body).get("path") for _, body in answers[:2]] == [None, "/p2"]
+    assert json.loads(answers[3][1])["path"] == "/p4"
     assert json.loads(answers[0][1]) == {"length": len(body),
                                          "sha256": hashlib.sha256(body).hexdigest()}
     assert relay.seen("A") == ["/p1"]
-    assert relay.seen("B") == ["/p2", "/p3"]
+    assert relay.seen("B") == ["/p2", "/p4"]
+    assert {request.pairing for request in relay.hidden["B"].requests} == {1}
 
 
 def test_after_a_101_the_stream_is_raw(relay: Relay, tmp_path: Path) -> None:
@@ -335,21 +346,29 @@ def test_a_refused_upgrade_is_followed_by_a_routed_request(relay: Relay) -> None
     assert relay.seen("B") == ["/after"]
 
 
-def test_a_later_wrong_visitor_password_gets_the_relays_401(relay: Relay) -> None:
+def test_a_visitor_password_is_checked_once_per_pairing(relay: Relay) -> None:
+    """At the pairing's start; later requests naming the same ID go on (the client has proved
+    itself on this connection); one naming no ID gets the relay's challenge."""
     ids = relay.ids
     with relay.server.connect() as sock:
-        sock.sendall(f"GET /v1 HTTP/1.1\r\nAuthorization: {basic(ids['V'], PASSWORD)}\r\n\r\n"
+        sock.sendall(f"GET /v1 HTTP/1.1\r\nAuthorization: {basic(ids['V'], 'guess')}\r\n\r\n"
+                     .encode())
+        head, _ = read_response(sock)
+        assert head.startswith(b"HTTP/1.1 401")  # the relay's visitor check: not paired
+        sock.sendall(f"GET /v2 HTTP/1.1\r\nAuthorization: {basic(ids['V'], PASSWORD)}\r\n\r\n"
                      .encode())
         head, body = read_response(sock)
-        assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["path"] == "/v1"
-        sock.sendall(f"GET /v2 HTTP/1.1\r\nAuthorization: {basic(ids['V'], 'guess')}\r\n\r\n"
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["path"] == "/v2"
+        # (No password at all now: only the pairing's first request is checked.)
+        sock.sendall(f"GET /v3 HTTP/1.1\r\nAuthorization: {basic(ids['V'], '')}\r\n\r\n"
                      .encode())
-        head, _ = read_response(sock)
-        assert head.startswith(b"HTTP/1.1 401")
-        sock.sendall(b"GET /v3 HTTP/1.1\r\n\r\n")  # no credentials now: the relay challenges
+        head, body = read_response(sock)
+        assert head.startswith(b"HTTP/1.1 200") and json.loads(body)["path"] == "/v3"
+        sock.sendall(b"GET /v4 HTTP/1.1\r\n\r\n")
         head, _ = read_response(sock)
         assert head.startswith(b"HTTP/1.1 401") and b"WWW-Authenticate: Digest" in head
-    assert relay.seen("V") == ["/v1"]
+    assert relay.seen("V") == ["/v2", "/v3"]
+    assert {request.pairing for request in relay.hidden["V"].requests} == {1}
 
 
 def test_a_malformed_later_head_is_refused_after_the_answer(relay: Relay) -> None:

@@ -4,16 +4,16 @@ Two ways in, both naming the hidden server by its ID the way a stock client does
 
 * :func:`open_tunnel` — a local TCP listener, like ``ssh -L``. Every connection a local client
   (a browser, curl, any HTTP library, no credentials needed) opens becomes one pairing at the
-  relay: the tunnel reads the client's first request head, adds the ``Authorization`` that names
-  the hidden server, and from then on copies bytes both ways. Later requests on that connection
-  go to the same hidden server unchanged, as the relay passes them on.
+  relay: the tunnel follows the client's requests (protocol/framing.py), puts the
+  ``Authorization`` that names the hidden server in each one's head, and passes every other
+  byte on as it is; after an ``Upgrade`` request, bytes go on raw. Later requests on that
+  connection go to the same hidden server, as the relay routes each by its ``Authorization``.
 * :func:`client` and :func:`async_client` — an httpx client whose base URL is the relay and
   whose Digest credentials name the hidden server.
 
-The local client's own ``Authorization`` header (on its first request) is always dropped: the
-relay would strip it anyway (it names the hidden server, never reaches it), and only one header
-can name the ID. Credentials meant for the hidden server itself can still travel on later
-requests of the same connection, or in another header.
+The local client's own ``Authorization`` header is always dropped: the relay would strip it
+anyway (it names the hidden server, never reaches it), and only one header can name the ID.
+Credentials meant for the hidden server itself must travel in another header.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from rendezvous.errors import RelayUnreachable as RelayUnreachable  # raised by 
 from rendezvous.protocol import responses
 from rendezvous.protocol.digest import basic_authorization
 from rendezvous.protocol.digest import digest_authorization as digest_authorization
+from rendezvous.protocol.framing import RequestFramer
 from rendezvous.protocol.head import (
     HEAD_END,
     NEED_MORE,
@@ -288,6 +289,9 @@ class _Pairing:
         self.peer = f"{_url_host(str(peer[0]))}:{peer[1]}" if peer else "-"
         self.up = 0  # bytes from the local client to the relay
         self.down = 0  # bytes from the relay to the local client
+        self.authorization = ""  # what names the hidden server, in every request's head
+        self.framer = RequestFramer(MAX_HEAD_SIZE, MAX_HEADERS)  # the local client's requests
+        self.raw = False  # after an Upgrade request: bytes go on unparsed
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -372,9 +376,43 @@ class _Pairing:
             authorization = basic_authorization(tunnel.uuid, tunnel.password)
         else:
             authorization = await self._answer_challenge(head)
-        self.relay_writer.write(with_authorization(head, authorization) + rest)
-        self.up += len(rest)
+        self.authorization = authorization
+        self.relay_writer.write(with_authorization(head, authorization))
+        self.framer.begin(head)
+        self.raw = head.is_upgrade
+        self._send_up(rest)
         await self._drain_relay()
+
+    def _send_up(self, data: bytes) -> None:
+        """Pass the local client's bytes on: each later request head with our
+        ``Authorization`` (the relay routes every request by its own, and the pairing's
+        check was made at its start), everything else as it is."""
+        assert self.relay_writer is not None
+        self.up += len(data)
+        if self.raw:
+            self.relay_writer.write(data)
+            return
+        framer = self.framer
+        framer.feed(data)
+        while True:
+            try:
+                event = framer.next_event()
+            except HeadError:
+                # Not a head we can follow: the relay refuses it (400) and closes; pass it on.
+                self.raw = True
+                self.relay_writer.write(bytes(framer.detach()))
+                return
+            if event is None:
+                return
+            if isinstance(event, bytes):
+                self.relay_writer.write(event)
+                continue
+            self.relay_writer.write(with_authorization(event, self.authorization))
+            if event.is_upgrade:
+                # Whatever the answer, the tunnel leads to one hidden server: raw from here.
+                self.raw = True
+                self.relay_writer.write(bytes(framer.detach()))
+                return
 
     async def _answer_challenge(self, head: RequestHead) -> str:
         """Send a bodiless probe, read the relay's 401 Digest challenge and answer it.
@@ -445,11 +483,15 @@ class _Pairing:
 
     async def _pump_up(self) -> bool:
         """Local client to relay; True when the local client ended with EOF."""
-        assert self.relay_writer is not None
-        return await pump(self.local_reader, self.relay_writer, self._count_up)
-
-    def _count_up(self, size: int) -> None:
-        self.up += size
+        reader, writer = self.local_reader, self.relay_writer
+        assert writer is not None
+        try:
+            while data := await reader.read(READ_CHUNK):
+                self._send_up(data)  # (counted there)
+                await writer.drain()
+        except OSError:  # ConnectionError included
+            return False
+        return True
 
     def _count_down(self, size: int) -> None:
         self.down += size

@@ -17,12 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from rendezvous.protocol.head import (
-    HeadError,
-    RequestHead,
-    find_head_end,
-    parse_head,
-)
+from rendezvous.protocol.head import NEED_MORE, HeadError, HeadReader, RequestHead
 
 # Stands for "every byte from here on": a stream that is raw (after a 101, or a body that ends
 # at the close) never reaches it.
@@ -212,7 +207,8 @@ class RequestFramer:
     either bytes to pass on (part of a body, in order, never altered) or a :class:`RequestHead`
     for the caller to route. Nothing after a head is returned until the caller calls
     :meth:`next_event` again, so it may first decide that the rest goes elsewhere
-    (:meth:`detach`).
+    (:meth:`detach`). Heads are read by a :class:`HeadReader`, with the relay's limits, as a
+    first request's are.
 
     After an ``Upgrade`` request (and its body) the answer decides what the next bytes are:
     :meth:`upgrade_answered` says whether it was ``101``. Until then, bytes that start like a
@@ -222,14 +218,13 @@ class RequestFramer:
     cannot be followed any more and :attr:`broken` turns true.
     """
 
-    __slots__ = ("_body", "_buffer", "_held", "_max_head_size", "_max_headers", "_raw",
-                 "_scanned", "_speculative", "_upgrade", "broken")
+    __slots__ = ("_body", "_buffer", "_held", "_raw", "_reader", "_speculative", "_upgrade",
+                 "broken")
 
     def __init__(self, max_head_size: int, max_headers: int) -> None:
-        self._max_head_size = max_head_size
-        self._max_headers = max_headers
-        self._buffer = bytearray()  # bytes fed and not yet returned
-        self._scanned = 0  # how much of a head in _buffer was searched for its end
+        # Bytes fed and not yet returned: in the reader while a head comes next, else here.
+        self._reader = HeadReader(max_head_size, max_headers)
+        self._buffer = bytearray()
         self._body: BodyReader | None = None  # None: a head comes next
         self._upgrade = False  # the current request asks for an Upgrade
         self._held = False  # waiting for the answer to an Upgrade request
@@ -250,27 +245,32 @@ class RequestFramer:
     @property
     def buffered(self) -> int:
         """Bytes fed and not yet returned (a head in the making, or held bytes)."""
-        return len(self._buffer)
+        return len(self._buffer) + len(self._reader.trailing)
 
     def begin(self, head: RequestHead) -> None:
         """Follow the body of ``head``, a head the caller parsed itself (the first one)."""
         self._body = request_body(head)
         self._upgrade = head.is_upgrade
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Add the next bytes of the stream."""
-        self._buffer += data
+        if self._wants_head:
+            self._reader.receive(data)
+        else:
+            self._buffer += data
+
+    @property
+    def _wants_head(self) -> bool:
+        return self._body is None and not (self._raw or self._held or self._speculative)
 
     def next_event(self) -> bytes | RequestHead | None:
         """The next bytes to pass on, or the next head, or None when more input is needed.
         Raises HeadError (FramingError included) on a head or a body it cannot follow."""
         buffer = self._buffer
-        if not buffer:
-            return None
         if self._raw or self._speculative:
-            return self._take(len(buffer))
+            return self._take(len(buffer)) if buffer else None
         if self._held:
-            if not _starts_a_head(buffer[0]):
+            if buffer and not _starts_a_head(buffer[0]):
                 self._speculative = True
                 return self._take(len(buffer))
             return None
@@ -279,29 +279,25 @@ class RequestFramer:
             if body.done:
                 self._body = None
                 self._held = self._upgrade
+                self._to_reader()
                 return self.next_event()
-            return self._take(body.consume(buffer))
-        end = find_head_end(buffer, self._max_head_size, self._scanned)
-        if end < 0:
-            self._scanned = len(buffer)
+            return self._take(body.consume(buffer)) if buffer else None
+        head = self._reader.next_head()
+        if head is NEED_MORE:
             return None
-        head = parse_head(bytes(buffer[:end]), self._max_headers)
-        del buffer[:end]
-        self._scanned = 0
+        self._buffer = self._reader.take_trailing()
         self.begin(head)
         return head
 
     def take_opaque(self) -> int:
         """Hand the caller the next run of body bytes: that many of the coming bytes it passes
         on itself, without feeding them here. 0 while anything is buffered."""
-        if self._buffer:
+        if self._buffer or self._reader.trailing:
             return 0
         if self._raw or self._speculative:
             return RAW
-        if self._held:
-            return 0
         body = self._body
-        if body is None:
+        if self._held or body is None:
             return 0
         size = body.opaque
         body.skip(size)
@@ -314,12 +310,19 @@ class RequestFramer:
         self._held = self._upgrade = False
         self._raw = switched
         self.broken = self._speculative and not switched
+        self._to_reader()
 
     def detach(self) -> bytearray:
         """Every byte fed and not yet returned; the framer is empty afterwards."""
         rest, self._buffer = self._buffer, bytearray()
-        self._scanned = 0
+        rest += self._reader.take_trailing()  # (one of the two is empty)
         return rest
+
+    def _to_reader(self) -> None:
+        """A head comes next: what is buffered goes to the head reader."""
+        if self._wants_head and self._buffer:
+            self._reader.receive(self._buffer)
+            self._buffer = bytearray()
 
     def _take(self, size: int) -> bytes:
         chunk = bytes(self._buffer[:size])

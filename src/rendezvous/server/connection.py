@@ -4,9 +4,10 @@ A connection starts by sending a request head. A ``CONNECT`` makes it a *hidden*
 token checks out it is parked in its ID's pool. Any other request makes it a *mobile* leg, which
 takes a parked connection of the ID it names. Paired legs then relay bytes both ways, following
 the HTTP framing of each direction (protocol/framing.py): every later request on the mobile leg
-is routed by its own ``Authorization`` (stripped), and one that names another ID ends the
-pairing once the first hidden server has answered in full, then is served as a first request.
-After a ``101`` both directions are raw.
+is routed by its own ``Authorization`` (stripped). One that names another ID ends the pairing
+once the first hidden server has answered in full, then is served as a first request; one that
+names none gets the relay's challenge (the client's retry names its ID) and the pairing goes
+on. After a ``101`` both directions are raw.
 
 Everything is callback-driven (an ``asyncio.Protocol``, no task and no buffer per parked
 connection) because a relay holds thousands of idle parked connections and must move bytes with
@@ -99,6 +100,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "__weakref__",
+        "discarding",
         "entry",
         "eof",
         "failures",
@@ -153,6 +155,7 @@ class Connection(asyncio.Protocol):
         self.writing_paused = False
         # While relaying: how many of the coming bytes are body, passed on by counting alone.
         self.left = 0
+        self.discarding = False  # mobile: dropping the body of a request answered here
         self.framer: RequestFramer | None = None  # mobile: its requests' framing
         self.responses: ResponseFramer | None = None  # hidden: its answers' framing
         self.pending: RequestHead | HeadError | None = None  # mobile: to serve after the pair
@@ -650,10 +653,9 @@ class Connection(asyncio.Protocol):
         else:
             self._start_relay()
 
-    def _check_visitor(self, secret: VisitorSecret, head: RequestHead | None = None) -> str:
-        """The visitor check of an entry with a visitor password: "ok", "stale", "invalid"
-        (of ``head``, by default the request being paired)."""
-        head = head or self.head
+    def _check_visitor(self, secret: VisitorSecret) -> str:
+        """The visitor check of an entry with a visitor password: "ok", "stale", "invalid"."""
+        head = self.head
         assert head is not None
         authorization = head.header(b"authorization")
         if authorization is None:  # named by ?rendezvous=ID: no credentials at all
@@ -792,28 +794,31 @@ class Connection(asyncio.Protocol):
             if event is None:
                 break
             if isinstance(event, bytes):
-                self.received += len(event)
-                peer.transport.write(event)
+                if not self.discarding:
+                    self.received += len(event)
+                    peer.transport.write(event)
             elif not self._pass_request(event):
                 return
-        if self.pending is None:
+        if self.pending is None and not self.discarding:
             self.left = framer.take_opaque()
         if framer.buffered > HELD_BUFFER_LIMIT and not self.reading_paused:
             self.reading_paused = True
             self.transport.pause_reading()
 
     def _pass_request(self, head: RequestHead) -> bool:
-        """A later request on this pairing: pass it on if it is for the same hidden server
-        (names no ID, or this one), else hold it until that server has answered in full."""
+        """A later request on this pairing: pass it on if it names this pairing's ID, else
+        hold it until the hidden server has answered in full.
+
+        One that names no ID is held too, for the relay's challenge: a Digest client (requests,
+        httpx, curl) sends each new ID's first request without credentials, and on a
+        connection paired with another ID that request must not reach the wrong server.
+        (A visitor password is checked once per pairing, at its start: the client has proved
+        itself on this connection, and its later nonces may be stale.)"""
         peer = self.peer
         assert peer is not None
+        self.discarding = False
         decision = route(head)
-        if isinstance(decision, Pair) and decision.uuid == self.uuid:
-            secret = peer.entry.visitor if peer.entry is not None else None
-            same = secret is None or self._check_visitor(secret, head) == "ok"
-        else:
-            same = isinstance(decision, Challenge)  # no Authorization: the same server
-        if not same:
+        if not (isinstance(decision, Pair) and decision.uuid == self.uuid):
             self._hold(head)
             return False
         # Another relay node routes by it, and strips it itself.
@@ -862,6 +867,9 @@ class Connection(asyncio.Protocol):
         the held request as a first request: paired anew, or answered here (404, 401, ...)."""
         item, self.pending = self.pending, None
         assert item is not None and self.framer is not None
+        if isinstance(item, RequestHead) and _challenge_in_pairing(item):
+            self._challenge(item)
+            return
         rest = self.framer.detach()
         self._unpair()
         self.reader.receive(rest)  # (emptied when the pairing began)
@@ -877,6 +885,17 @@ class Connection(asyncio.Protocol):
         if self.state == HEAD:
             self._process_heads()
 
+    def _challenge(self, head: RequestHead) -> None:
+        """Answer a later request that names no ID with the relay's challenge and keep the
+        pairing: the client's retry, naming this ID, goes on to the same hidden server. The
+        request's body (framed, so its end is known) is dropped."""
+        self.transport.write(responses.challenge(False, False, self.hub.nonces.issue()))
+        self.discarding = True
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        self._pass_requests()
+
     def _unpair(self) -> None:
         """Mobile leg: close the hidden leg (its answers are through) and become unpaired."""
         hidden = self.peer
@@ -887,6 +906,7 @@ class Connection(asyncio.Protocol):
         self.peer = hidden.peer = None
         self.framer = hidden.responses = None
         self.left = hidden.left = 0
+        self.discarding = False
         self.head = None
         hidden.state = CLOSED
         hidden._cancel_timer()
@@ -1032,6 +1052,17 @@ class Connection(asyncio.Protocol):
             return "-"
         host, port = self.peername
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _challenge_in_pairing(head: RequestHead) -> bool:
+    """Whether a later request on a pairing is one to challenge without ending the pairing: it
+    names no ID, and its connection stays open after a 401 (not an Upgrade, not HTTP/1.0 or
+    ``Connection: close``, no body held back behind ``Expect: 100-continue``, which might never
+    come). The others are answered as first requests are, which closes them."""
+    if not isinstance(route(head), Challenge) or head.is_upgrade or not head.keep_alive:
+        return False
+    expect = (head.header(b"expect") or b"").lower() == b"100-continue"
+    return not (expect and head.content_length)
 
 
 def _peer_sent_fin(transport: asyncio.Transport) -> bool:
