@@ -418,3 +418,27 @@ def test_an_idle_pairing_is_closed_and_a_busy_one_is_not(tmp_path: Path) -> None
         busy_hidden.close()
         idle_hidden.close()
     assert 0.6 <= idle_for < 1.2, idle_for
+
+
+def test_thousands_of_pipelined_unnamed_requests_are_each_challenged(relay: Relay) -> None:
+    """Answered in a loop, not by recursion, and only as fast as the client reads them; the
+    pairing is still there afterwards."""
+    ids = relay.ids
+    count = 3000
+    with relay.server.connect() as sock:
+        sock.sendall(f"GET /f1 HTTP/1.1\r\nAuthorization: {basic(ids['A'])}\r\n\r\n".encode())
+        head, body = read_response(sock)
+        assert json.loads(body)["path"] == "/f1"
+        flood = b"GET / HTTP/1.1\r\nHost: r\r\n\r\n" * count
+        sender, outcome = run_in_thread(lambda: sock.sendall(
+            flood + f"GET /f2 HTTP/1.1\r\nAuthorization: {basic(ids['A'])}\r\n\r\n".encode()))
+        time.sleep(0.5)  # the client reads nothing for a while: the relay must wait for it
+        for _ in range(count):
+            head, _ = read_response(sock)
+            assert head.startswith(b"HTTP/1.1 401 ")
+        head, body = read_response(sock)
+        assert json.loads(body)["path"] == "/f2"
+        sender.join(10)
+        assert outcome == [None]
+    assert relay.seen("A") == ["/f1", "/f2"]
+    assert {request.pairing for request in relay.hidden["A"].requests} == {1}

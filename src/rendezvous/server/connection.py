@@ -353,6 +353,8 @@ class Connection(asyncio.Protocol):
         if self.state == RELAYING and peer is not None:
             if peer.state == RELAYING:
                 peer.transport.resume_reading()
+            if self.pending is not None:  # held while our own answers queued up unread
+                self._pass_requests()
         elif self.state == HEAD:
             self.transport.resume_reading()
             self._process_heads()
@@ -782,30 +784,37 @@ class Connection(asyncio.Protocol):
         self._pass_requests()
 
     def _pass_requests(self) -> None:
-        """Mobile leg: pass on every request the framer has, until one must wait."""
+        """Mobile leg: pass on every request the framer has, until one must wait. (A loop,
+        not recursion: a client may pipeline thousands of requests the relay answers.)"""
         framer, peer = self.framer, self.peer
-        assert framer is not None and peer is not None
-        while self.pending is None:
+        assert framer is not None and peer is not None and peer.responses is not None
+        while True:
+            if self.pending is not None:
+                if peer.responses.outstanding or self.writing_paused:
+                    break  # until the answers are through, or the client reads ours
+                if not self._serve_pending():
+                    return  # this pairing has ended
+                continue
             try:
                 event = framer.next_event()
             except HeadError as exc:
                 self._hold(exc)
-                return
+                continue
             if event is None:
                 break
             if isinstance(event, bytes):
                 if not self.discarding:
                     self.received += len(event)
                     peer.transport.write(event)
-            elif not self._pass_request(event):
-                return
+            else:
+                self._pass_request(event)
         if self.pending is None and not self.discarding:
             self.left = framer.take_opaque()
         if framer.buffered > HELD_BUFFER_LIMIT and not self.reading_paused:
             self.reading_paused = True
             self.transport.pause_reading()
 
-    def _pass_request(self, head: RequestHead) -> bool:
+    def _pass_request(self, head: RequestHead) -> None:
         """A later request on this pairing: pass it on if it names this pairing's ID, else
         hold it until the hidden server has answered in full.
 
@@ -820,7 +829,7 @@ class Connection(asyncio.Protocol):
         decision = route(head)
         if not (isinstance(decision, Pair) and decision.uuid == self.uuid):
             self._hold(head)
-            return False
+            return
         # Another relay node routes by it, and strips it itself.
         request = head.forwarded(strip_authorization=peer.kind != OUTBOUND)
         self.head = head
@@ -828,19 +837,15 @@ class Connection(asyncio.Protocol):
         peer.transport.write(request)
         assert peer.responses is not None
         peer.responses.expect(head.method)
-        return True
 
     def _hold(self, item: RequestHead | HeadError) -> None:
-        """Stop passing on: ``item`` (a request for another ID, or a head we must refuse) is
-        served once every request passed on so far has been answered."""
+        """Stop passing on: ``item`` (a request for another ID or for none, or a head we must
+        refuse) is served once every request passed on so far has been answered."""
         self.pending = item
         self.left = 0
         if not self.reading_paused:
             self.reading_paused = True
             self.transport.pause_reading()
-        peer = self.peer
-        assert peer is not None and peer.responses is not None
-        self._answers_came(peer.responses)
 
     def _answers_came(self, answers: ResponseFramer) -> None:
         """Mobile leg: the hidden server's answers moved on; release what waited for them."""
@@ -860,32 +865,34 @@ class Connection(asyncio.Protocol):
                 self.transport.resume_reading()
             self._pass_requests()
         elif self.pending is not None and not answers.outstanding:
-            self._serve_pending()
+            self._pass_requests()
 
-    def _serve_pending(self) -> None:
-        """End this pairing (its hidden server has answered everything it was sent) and serve
-        the held request as a first request: paired anew, or answered here (404, 401, ...)."""
+    def _serve_pending(self) -> bool:
+        """Serve the held request, the hidden server having answered everything it was sent:
+        challenge it and keep the pairing (True), or end the pairing and serve it as a first
+        request, paired anew or answered here: 404, 401, 400 (False)."""
         item, self.pending = self.pending, None
         assert item is not None and self.framer is not None
         if isinstance(item, RequestHead) and _challenge_in_pairing(item):
-            self._challenge(item)
-            return
+            self._challenge()
+            return True
         rest = self.framer.detach()
         self._unpair()
         self.reader.receive(rest)  # (emptied when the pairing began)
         if isinstance(item, HeadError):
             self._refuse_head(item)
-            return
+            return False
         if item.method == "CONNECT":
             self._reject("CONNECT after a request", responses.full_error(
                 400, "CONNECT after a request", permanent=True, close=True), status=400)
-            return
+            return False
         self.state = HEAD
         self._dispatch(item)
         if self.state == HEAD:
             self._process_heads()
+        return False
 
-    def _challenge(self, head: RequestHead) -> None:
+    def _challenge(self) -> None:
         """Answer a later request that names no ID with the relay's challenge and keep the
         pairing: the client's retry, naming this ID, goes on to the same hidden server. The
         request's body (framed, so its end is known) is dropped."""
@@ -894,7 +901,6 @@ class Connection(asyncio.Protocol):
         if self.reading_paused:
             self.reading_paused = False
             self.transport.resume_reading()
-        self._pass_requests()
 
     def _unpair(self) -> None:
         """Mobile leg: close the hidden leg (its answers are through) and become unpaired."""
