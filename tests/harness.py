@@ -93,15 +93,20 @@ class ServerThread:
         return int(self.sync(lambda: self.server.hub.open_connections))  # type: ignore[union-attr]
 
     def stop(self) -> None:
+        """Shut the server down and stop its loop. A shutdown that fails or hangs fails the
+        test (after the loop is stopped anyway, so one broken shutdown spoils no other test)."""
         if self.loop.is_closed():
             return  # stopped already
-        with contextlib.suppress(Exception):
+        try:
             self.call(self.server.close(grace=0))
             self.call(self.registry.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        if not self._thread.is_alive():  # closing a loop that still runs would block
-            self.loop.close()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+            if not self._thread.is_alive():  # closing a loop that still runs would block
+                self.loop.close()
+        if not self.loop.is_closed():
+            raise AssertionError("the server's event loop did not stop within 5 s")
 
     # Clients ----------------------------------------------------------------------------
 

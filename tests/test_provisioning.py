@@ -1,4 +1,4 @@
-"""Provisioning files (PROTOCOL.md §5): their exact shape, their mode, and reading them back."""
+"""Provisioning files (docs/protocol.md §5): their exact shape, their mode, reading them back."""
 
 from __future__ import annotations
 

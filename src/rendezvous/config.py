@@ -172,7 +172,7 @@ def is_loopback_host(host: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RelayAddress:
-    """Where hidden servers reach the relay, as provisioning files tell them (PROTOCOL.md §5).
+    """Where hidden servers reach the relay, as provisioning files tell them (docs/protocol.md §5).
 
     Built once per command: ``serve`` records its own in the data folder (relay.json), and
     every command that writes provisioning files (``users add``/``rotate``, the admin page)

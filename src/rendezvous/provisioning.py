@@ -1,4 +1,4 @@
-"""Provisioning files: what a hidden server needs to park at the relay (PROTOCOL.md §5).
+"""Provisioning files: what a hidden server needs to park at the relay (docs/protocol.md §5).
 
 The file holds the hidden server's TOTP secret, so it is written readable by its owner only.
 Shape (field names fixed; readers ignore fields they do not know)::

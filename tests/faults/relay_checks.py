@@ -220,7 +220,7 @@ def basic(uuid: str) -> str:
     return "Basic " + base64.b64encode(f"{uuid}:x".encode()).decode()
 
 
-# The hidden leg's answer that makes a paired stream raw bytes both ways (PROTOCOL.md §2).
+# The hidden leg's answer that makes a paired stream raw bytes both ways (docs/protocol.md §2).
 SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: raw\r\nConnection: Upgrade\r\n\r\n"
 
 

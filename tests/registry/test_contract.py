@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from rendezvous.errors import ConfigError, DuplicateEntry, RegistryError, UnknownEntry
 from rendezvous.protocol.digest import VisitorSecret
@@ -86,7 +89,25 @@ def test_open_registry_rejects_unknown_scheme() -> None:
 
 def test_ping(url: str) -> None:
     async def body(registry: Registry) -> None:
-        await registry.ping()
+        assert await registry.ping() is None
+
+    run(url, body)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"], indirect=True)
+def test_ping_reports_an_unreachable_backend(backend: tuple[str, str], tmp_path: Path) -> None:
+    """What /readyz and the relay's start rely on: ping fails, with RegistryError, when the
+    backend cannot be reached (a SQLite file whose folder cannot exist, a Redis nobody runs)."""
+    name, _ = backend
+    if name == "sqlite":
+        (tmp_path / "a-file").write_text("")
+        url = f"sqlite:///{tmp_path / 'a-file' / 'registry.sqlite3'}"
+    else:
+        url = f"redis://127.0.0.1:{free_port()}/0"
+
+    async def body(registry: Registry) -> None:
+        with pytest.raises(RegistryError):
+            await registry.ping()
 
     run(url, body)
 
@@ -265,10 +286,32 @@ def test_changes_are_seen_at_once_by_another_handle(backend: tuple[str, str]) ->
     asyncio.run(main())
 
 
+def open_descriptors() -> dict[int, str]:
+    """This process's open file descriptors, each with what it points at."""
+    found: dict[int, str] = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor os.listdir itself used is gone
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return found
+
+
+# The memory backend holds nothing to release.
+@pytest.mark.parametrize("backend", ["sqlite", "redis"], indirect=True)
 def test_close_releases_the_backend(url: str) -> None:
+    """Every descriptor the registry opened (SQLite's file and WAL, Redis's sockets) is closed by
+    close(): a relay that reopens its registry, or a test run of hundreds, must not leak them."""
+
     async def main() -> None:
+        before = open_descriptors()
         registry = open_registry(url)
         await registry.ping()
+        await registry.add(make_entry("2f402f80-da50-11e1-9b23-000000000001"))
+        assert await registry.list()
+        held = {fd: target for fd, target in open_descriptors().items()
+                if before.get(fd) != target}
+        assert held, "an open registry holds no descriptor, so this test would prove nothing"
         await registry.close()
+        after = open_descriptors()
+        assert {fd: t for fd, t in held.items() if after.get(fd) == t} == {}
 
     asyncio.run(main())

@@ -2,7 +2,7 @@
 
 Each test starts a real server (TLS on 127.0.0.1) and a :class:`HiddenHTTPService` keeping
 connections parked for one ID; the client names the ID as its Digest or Basic user name, exactly
-as PROTOCOL.md §2 says a stock client does.
+as docs/protocol.md §2 says a stock client does.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def header_names(document: dict[str, object]) -> list[str]:
 
 def assert_no_authorization_seen(hidden: HiddenHTTPService) -> None:
     """The relay strips ``Authorization`` from every request it passes on, the later ones on
-    a paired connection included (PROTOCOL.md §2)."""
+    a paired connection included (docs/protocol.md §2)."""
     assert hidden.requests, "the hidden server saw no request"
     for request in hidden.requests:
         assert request.header("Authorization") is None, request

@@ -1,4 +1,4 @@
-"""Each case of PROTOCOL.md, driven over raw TLS sockets and checked byte for byte."""
+"""Each case of docs/protocol.md, driven over raw TLS sockets and checked byte for byte."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paired byte stream (PROTOCOL.md §2-3): raw TLS sockets on both legs of the relay.
+"""The paired byte stream (docs/protocol.md §2-3): raw TLS sockets on both legs of the relay.
 
 A hidden leg is a connection parked with ``s.park(entry)``; a mobile leg is a raw TLS connection
 that sends a request head naming the ID. After pairing, whatever one side writes the other reads,
@@ -40,7 +40,7 @@ def basic(uuid: str) -> str:
     return "Basic " + base64.b64encode(f"{uuid}:x".encode()).decode()
 
 
-# After a 101 the paired stream is raw bytes both ways (PROTOCOL.md §2).
+# After a 101 the paired stream is raw bytes both ways (docs/protocol.md §2).
 SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: raw\r\nConnection: Upgrade\r\n\r\n"
 
 

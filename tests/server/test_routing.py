@@ -1,5 +1,5 @@
-"""Every request on a visitor connection is routed by its own ``Authorization`` (PROTOCOL.md §2,
-"[ext] Later requests on a paired visitor connection"; issue 11 item 4).
+"""Every request on a visitor connection is routed by its own ``Authorization``
+(docs/protocol.md §2, "Later requests on the same visitor connection"; issue 11 item 4).
 
 Clients pool connections per origin and every ID shares the relay's, so one connection carries
 requests for several IDs. A real relay with three hidden HTTP servers (A, B and V, which has a

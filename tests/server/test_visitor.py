@@ -61,7 +61,9 @@ def server(tmp_path: Path) -> ServerThread:
 def test_nonces_expire_and_counts_cannot_be_replayed() -> None:
     book = NonceBook(b"k" * 32)
     nonce = book.issue(now=1000.0)
-    assert len(nonce) == 32 and int(nonce, 16) >= 0
+    # 32 lowercase hex digits (docs/protocol.md §2), the first 8 the issue time that expiry reads.
+    assert re.fullmatch("[0-9a-f]{32}", nonce), nonce
+    assert nonce[:8] == f"{1000:08x}"
     assert book.issue(now=1000.0) != nonce  # two clients challenged in one second differ
     assert book.check(nonce, "00000001", now=1001.0) == "ok"
     assert book.check(nonce, "00000001", now=1001.0) == "invalid"  # replay

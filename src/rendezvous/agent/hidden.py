@@ -4,7 +4,7 @@
     await agent.run()  # until agent.stop()
 
 A *link* is one TLS connection to the relay. It parks with ``CONNECT uuid:ID?response=TOTP``
-(PROTOCOL.md §1); the relay answers ``HTTP/1.1 200`` and keeps it in the ID's pool. When the
+(docs/protocol.md §1); the relay answers ``HTTP/1.1 200`` and keeps it in the ID's pool. When the
 relay pairs a mobile client with it, it writes that client's request down the link, so the first
 byte after the ``200`` turns the link into a *pairing*, which goes to ``handler`` — an
 ``asyncio.start_server``-style callback ``(reader, writer)``. The reader it gets is the link's

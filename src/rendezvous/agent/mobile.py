@@ -1,6 +1,7 @@
 """The mobile client: reach a hidden server through the relay from any HTTP client.
 
-Two ways in, both naming the hidden server by its ID the way a stock client does (PROTOCOL.md §2):
+Two ways in, both naming the hidden server by its ID the way a stock client does
+(``docs/protocol.md`` §2):
 
 * :func:`open_tunnel` — a local TCP listener, like ``ssh -L``. Every connection a local client
   (a browser, curl, any HTTP library, no credentials needed) opens becomes one pairing at the

@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 from rendezvous.protocol.head import HEAD_END
 
-# Bytes per read: 256 KiB reads nearly double a streams relay over 64 KiB ones (NOTES.md). It is
-# also each StreamReader's limit, so at most twice that is buffered before reading pauses.
+# Bytes per read: 256 KiB reads nearly double a streams relay over 64 KiB ones (docs/protocol.md,
+# "Measured facts"). It is also each StreamReader's limit, so at most twice that is buffered
+# before reading pauses.
 READ_CHUNK = 256 * 1024
 # Bound on waiting for a writer to finish closing (a flush, the close_notify exchange); past
 # it the connection is cut, so a peer that never answers our close_notify holds nothing.

@@ -1,7 +1,7 @@
 """Where each HTTP/1.1 message on a paired connection ends, without touching its bytes.
 
 After pairing, a mobile client may send several requests on its connection, and they may name
-different hidden servers (PROTOCOL.md §2). The relay therefore follows the framing of both
+different hidden servers (docs/protocol.md §2). The relay therefore follows the framing of both
 directions: :class:`RequestFramer` splits the client's stream into request heads (which the
 relay routes and rewrites) and the bytes that pass on unchanged (bodies, chunk framing
 included), and :class:`ResponseFramer` counts the hidden server's answers so the relay knows

@@ -1,5 +1,5 @@
 """The relay's responses: the bytes the server writes, exactly as node-rendezvous wrote them
-(PROTOCOL.md), and the reading side the agents use on them (:func:`parse_response_head`,
+(docs/protocol.md), and the reading side the agents use on them (:func:`parse_response_head`,
 :attr:`ResponseHead.retry_after`, :func:`relay_diagnostic`), so what one writes the other reads.
 """
 

@@ -1,6 +1,6 @@
 """What to do with a request head: park a hidden server, pair a mobile client, or refuse.
 
-Diagnostics and status codes are node-rendezvous's, to the byte (PROTOCOL.md §1-2).
+Diagnostics and status codes are node-rendezvous's, to the byte (docs/protocol.md §1-2).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import time
 
 import pyotp
 
-# Codes shorter than 6 digits are refused, as node-rendezvous did (PROTOCOL.md §1); RFC 4226
+# Codes shorter than 6 digits are refused, as node-rendezvous did (docs/protocol.md §1); RFC 4226
 # stops at 8. Provisioning files, the CLI and the admin page offer the same range.
 MIN_DIGITS = 6
 MAX_DIGITS = 8

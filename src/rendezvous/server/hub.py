@@ -6,7 +6,7 @@ of them go together, and the legs carry out what it decides. It imports nothing 
 ``server/``; the cluster (``server/cluster.py``) plugs in through :class:`Cluster` and
 ``on_pool_change``.
 
-Pools are LIFO, bounded by ``Limits.pool_size`` (PROTOCOL.md §1): a mobile client takes the
+Pools are LIFO, bounded by ``Limits.pool_size`` (docs/protocol.md §1): a mobile client takes the
 *newest* parked connection of its ID, the one most likely alive behind a NAT (a client written
 for the original, where a new CONNECT replaced the old one, expects its latest connection to
 serve), or waits up to ``Limits.pair_wait`` for one. A full pool closes its oldest connection of
