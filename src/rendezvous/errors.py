@@ -3,7 +3,8 @@
     RendezvousError
     ├── RegistryError              the registry backend failed (unreachable, corrupt)
     │   ├── UnknownEntry           no entry with that ID
-    │   └── DuplicateEntry         an entry with that ID already exists
+    │   ├── DuplicateEntry         an entry with that ID already exists
+    │   └── DuplicateName          another entry already has that name
     ├── ConfigError                a setting or file the user gave is unusable
     ├── ProvisioningError          a provisioning file is malformed
     ├── HeadError                  a peer's request head cannot be served (``status``)
@@ -41,6 +42,14 @@ class DuplicateEntry(RegistryError):
     def __init__(self, uuid: str) -> None:
         super().__init__(f"a hidden server with ID {uuid!r} already exists")
         self.uuid = uuid
+
+
+class DuplicateName(RegistryError):
+    """Another entry already has this name (names are unique, like IDs)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"a hidden server named {name!r} already exists")
+        self.name = name
 
 
 class ConfigError(RendezvousError):

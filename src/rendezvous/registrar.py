@@ -5,6 +5,7 @@
     provision          change the registry, write the provisioning file, undo the change if
                        the file cannot be written
     public_address     the relay address a new provisioning file gives its hidden server
+    renaming           give an entry a name (a plain URL for visitors), or clear it
     remember_relay     what ``serve`` records in DATA_DIR/relay.json at start
     recall_relay       ... and what every command that writes files reads back
 
@@ -29,6 +30,7 @@ from urllib.parse import urlsplit
 from rendezvous.config import DEFAULT_PORT, ENV_DATA_DIR, RelayAddress, Store, is_loopback_host
 from rendezvous.errors import ConfigError, ProvisioningError, RegistryError, UnknownEntry
 from rendezvous.protocol.digest import VisitorSecret
+from rendezvous.protocol.hostnames import visitor_url
 from rendezvous.provisioning import (
     Provisioning,
     default_server_host,
@@ -39,6 +41,7 @@ from rendezvous.provisioning import (
     write_provisioning,
 )
 from rendezvous.registry import Entry, Registry, open_registry
+from rendezvous.registry.base import normal_name
 from rendezvous.tls import CERT_FILE, ensure_self_signed, read_cert_pem
 
 T = TypeVar("T")
@@ -145,6 +148,20 @@ def rotating(uuid: str) -> Change:
     return change
 
 
+def renaming(uuid: str, name: str) -> Callable[[Registry], Awaitable[Entry]]:
+    """The operation that gives ``uuid`` the name ``name`` ("" to clear it; ConfigError when it
+    is not one DNS label, DuplicateName when another entry has it); it returns the entry."""
+    name = normal_name(name)
+
+    async def op(registry: Registry) -> Entry:
+        old = await get_entry(registry, uuid)
+        new = replace(old, name=name, updated=time.time())
+        await registry.replace(new)
+        return new
+
+    return op
+
+
 def set_visitor_password(
     uuid: str, password: str | None
 ) -> Callable[[Registry], Awaitable[Entry]]:
@@ -213,6 +230,14 @@ class RelayRecord:
     status_socket: Path | None = None  # where ``rendezvous status`` asks it for numbers
     pid: int = 0
     started: float = 0.0
+    domain: str = ""  # serve --domain: named hidden servers are NAME.DOMAIN; "" for none
+
+    def visitor_url(self, name: str) -> str | None:
+        """The URL visitors open for the hidden server named ``name``; None with no domain.
+        Always https: a relay on plain TCP (--no-tls) sits behind a TLS-terminating balancer."""
+        if not name or not self.domain:
+            return None
+        return visitor_url(name, self.domain, self.port)
 
     def address(self) -> tuple[RelayAddress, str]:
         """The address files should carry, with the certificate as it is *now* (a renewed
@@ -236,6 +261,7 @@ def remember_relay(data_dir: Path, record: RelayRecord) -> Path:
         "status": str(record.status_socket) if record.status_socket is not None else None,
         "pid": record.pid,
         "started": record.started,
+        **({"domain": record.domain} if record.domain else {}),
     }
     try:
         write_private_json(doc, path)
@@ -272,6 +298,7 @@ def recall_relay(data_dir: Path) -> RelayRecord | None:
             status_socket=Path(status) if status is not None else None,
             pid=int(doc.get("pid") or 0),
             started=float(doc.get("started") or 0.0),
+            domain=str(doc.get("domain") or ""),
         )
     except (ValueError, TypeError, KeyError, AttributeError):
         raise ConfigError(

@@ -6,14 +6,22 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from support import free_port
 
-from rendezvous.errors import ConfigError, DuplicateEntry, RegistryError, UnknownEntry
+from rendezvous.errors import (
+    ConfigError,
+    DuplicateEntry,
+    DuplicateName,
+    RegistryError,
+    UnknownEntry,
+)
 from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.registry import Entry, Registry, new_secret, open_registry
+from rendezvous.registry.base import normal_name
 from rendezvous.registry.memory import MemoryRegistry
 from rendezvous.registry.redis import RedisRegistry
 from rendezvous.registry.sqlite import SQLiteRegistry
@@ -315,3 +323,104 @@ def test_close_releases_the_backend(url: str) -> None:
         assert {fd: t for fd, t in held.items() if after.get(fd) == t} == {}
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- names
+
+
+def test_a_name_round_trips_and_finds_its_entry(url: str) -> None:
+    hub = replace(make_entry("id-hub"), name="hub")
+    plain = make_entry("id-plain", created=1_700_000_001.0)
+
+    async def body(registry: Registry) -> None:
+        await registry.add(hub)
+        await registry.add(plain)
+        assert await registry.get("id-hub") == hub
+        assert await registry.by_name("hub") == hub
+        assert await registry.by_name("id-hub") is None  # an ID is not a name
+        assert await registry.by_name("other") is None
+        assert await registry.by_name("") is None  # unnamed entries are not found by ""
+        assert await registry.list() == [hub, plain]
+
+    run(url, body)
+
+
+def test_names_are_unique(url: str) -> None:
+    first = replace(make_entry("one"), name="hub")
+    second = replace(make_entry("two", created=1_700_000_001.0), name="hub")
+
+    async def body(registry: Registry) -> None:
+        await registry.add(first)
+        with pytest.raises(DuplicateName, match="'hub'"):
+            await registry.add(second)
+        assert await registry.get("two") is None  # nothing half-added
+        await registry.add(replace(second, name=""))
+        with pytest.raises(DuplicateName):
+            await registry.replace(second)  # a rename onto a taken name
+        assert (await registry.get("two")) == replace(second, name="")
+        assert await registry.by_name("hub") == first
+        # An entry keeps its own name through a rotation.
+        rotated = first.rotated()
+        await registry.replace(rotated)
+        assert await registry.by_name("hub") == rotated
+
+    run(url, body)
+
+
+def test_a_rename_frees_the_old_name_and_a_removal_frees_the_name(url: str) -> None:
+    entry = replace(make_entry("one"), name="old")
+    other = make_entry("two", created=1_700_000_001.0)
+
+    async def body(registry: Registry) -> None:
+        await registry.add(entry)
+        renamed = replace(entry, name="new")
+        await registry.replace(renamed)
+        assert await registry.by_name("old") is None
+        assert await registry.by_name("new") == renamed
+        await registry.add(replace(other, name="old"))  # the old name is free again
+        assert await registry.by_name("old") == replace(other, name="old")
+        cleared = replace(renamed, name="")
+        await registry.replace(cleared)
+        assert await registry.by_name("new") is None
+        await registry.replace(replace(cleared, name="new"))
+        await registry.remove("one")
+        assert await registry.by_name("new") is None
+        await registry.add(replace(make_entry("three"), name="new"))
+        found = await registry.by_name("new")
+        assert found is not None and found.uuid == "three"
+
+    run(url, body)
+
+
+def test_a_name_is_found_at_once_by_another_handle(backend: tuple[str, str]) -> None:
+    kind, url = backend
+    if kind == "memory":
+        pytest.skip("a memory registry is private to its object")
+
+    async def main() -> None:
+        server, operator = open_registry(url), open_registry(url)
+        try:
+            entry = replace(make_entry("shared"), name="hub")
+            await operator.add(entry)
+            assert await server.by_name("hub") == entry
+            await operator.replace(replace(entry, name="hub2"))
+            assert await server.by_name("hub") is None
+            await operator.remove("shared")
+            assert await server.by_name("hub2") is None
+        finally:
+            await server.close()
+            await operator.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("given, kept", [("hub", "hub"), ("Hub-2", "hub-2"), (" x ", "x"),
+                                         ("", ""), ("a" * 63, "a" * 63)])
+def test_normal_name(given: str, kept: str) -> None:
+    assert normal_name(given) == kept
+
+
+@pytest.mark.parametrize("bad", ["-hub", "hub-", "h_b", "h.b", "a" * 64, "hüb", "h b"])
+def test_a_name_that_is_not_one_dns_label_is_refused(bad: str) -> None:
+    with pytest.raises(ConfigError, match="one DNS label"):
+        normal_name(bad)

@@ -7,6 +7,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import redis
@@ -14,7 +15,13 @@ from support import free_port
 
 from rendezvous.errors import RegistryError
 from rendezvous.registry import Entry
-from rendezvous.registry.redis import COMMAND_TIMEOUT, CONNECT_TIMEOUT, RedisRegistry, redacted
+from rendezvous.registry.redis import (
+    COMMAND_TIMEOUT,
+    CONNECT_TIMEOUT,
+    NAME_PREFIX,
+    RedisRegistry,
+    redacted,
+)
 
 ORIGINAL_ID = "2f402f80-da50-11e1-9b23-000000000001"
 # Exactly what node-rendezvous's registrar stored for a hidden server.
@@ -211,3 +218,29 @@ def test_errors_do_not_show_the_password() -> None:
 )
 def test_redacted(url: str, shown: str) -> None:
     assert redacted(url) == shown
+
+
+def test_names_live_in_the_registry_and_a_stale_mapping_is_free(
+    redis_registry_url: str, raw: redis.Redis
+) -> None:
+    raw.set(ORIGINAL_ID, ORIGINAL_VALUE)
+
+    async def main() -> None:
+        registry = RedisRegistry(redis_registry_url)
+        try:
+            entry = await registry.get(ORIGINAL_ID)
+            assert entry is not None and entry.name == ""
+            await registry.replace(replace(entry, name="hub"))
+            assert raw.get(NAME_PREFIX + "hub") == ORIGINAL_ID.encode()
+            assert json.loads(raw.get(ORIGINAL_ID) or b"")["name"] == "hub"
+            # The original's tools delete the entry's key alone: the mapping left is stale.
+            raw.delete(ORIGINAL_ID)
+            assert await registry.by_name("hub") is None
+            await registry.add(Entry(uuid="new", base32="AAAA", name="hub"))
+            found = await registry.by_name("hub")
+            assert found is not None and found.uuid == "new"
+            assert await registry.list() == [found]  # the mapping key is not an entry
+        finally:
+            await registry.close()
+
+    asyncio.run(main())

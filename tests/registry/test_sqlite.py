@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rendezvous.errors import ConfigError, RegistryError
+from rendezvous.errors import ConfigError, DuplicateName, RegistryError
 from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.registry import Entry
 from rendezvous.registry.sqlite import SQLiteRegistry, path_from_url
@@ -101,7 +101,7 @@ def test_creates_folders_and_uses_wal(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(entries)")]
         assert columns == ["uuid", "base32", "step", "digits", "label", "created", "updated",
-                           "visitor"]
+                           "visitor", "name"]
     finally:
         conn.close()
 
@@ -210,6 +210,32 @@ def test_a_file_from_before_the_visitor_column_is_upgraded(tmp_path: Path) -> No
         await registry.replace(replace(entry, visitor=secret))
         again = await registry.get("old")
         assert again is not None and again.visitor == secret
+        await registry.close()
+
+    asyncio.run(body())
+
+
+def test_a_file_from_before_names_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE entries (uuid TEXT PRIMARY KEY, base32 TEXT NOT NULL, step "
+                     "INTEGER NOT NULL, digits INTEGER NOT NULL, label TEXT NOT NULL DEFAULT '', "
+                     "created REAL NOT NULL, updated REAL NOT NULL, "
+                     "visitor TEXT NOT NULL DEFAULT '')")
+        conn.execute("INSERT INTO entries VALUES ('old', 'JBSWY3DPEHPK3PXP', 30, 6, '', 1, 1, '')")
+        conn.execute("INSERT INTO entries VALUES ('old2', 'JBSWY3DPEHPK3PXP', 30, 6, '', 2, 2, '')")
+    conn.close()
+
+    async def body() -> None:
+        registry = SQLiteRegistry(f"sqlite:///{path}")
+        entry = await registry.get("old")
+        assert entry is not None and entry.name == ""
+        await registry.replace(replace(entry, name="hub"))
+        assert await registry.by_name("hub") == replace(entry, name="hub")
+        other = await registry.get("old2")
+        assert other is not None
+        with pytest.raises(DuplicateName):
+            await registry.replace(replace(other, name="hub"))
         await registry.close()
 
     asyncio.run(body())

@@ -1,4 +1,4 @@
-"""``rendezvous users add|list|show|rotate|visitor|remove``: the hidden servers in the registry."""
+"""``rendezvous users add|list|show|rotate|visitor|rename|remove``: the hidden servers."""
 
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ from rendezvous.cli.options import (
     store,
     store_options,
 )
-from rendezvous.config import Store
+from rendezvous.config import DEFAULT_PORT, Store
 from rendezvous.errors import ConfigError
 from rendezvous.protocol.digest import VisitorSecret
+from rendezvous.protocol.hostnames import visitor_url
 from rendezvous.provisioning import MAX_DIGITS, MIN_DIGITS
 from rendezvous.registry import Entry, Registry, new_secret
-from rendezvous.registry.base import DEFAULT_DIGITS, DEFAULT_STEP
+from rendezvous.registry.base import DEFAULT_DIGITS, DEFAULT_STEP, normal_name
 
 # IDs travel in `CONNECT uuid:ID?...`, in Digest/Basic user names and in file names: keep new ones
 # to URL-unreserved characters so none of those needs quoting.
@@ -70,6 +71,12 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
     add = action("add", _add, "add a hidden server and write its provisioning file", output)
     add.add_argument("--label", default="", help="a name for people, e.g. 'living-room hub'")
     add.add_argument(
+        "--name",
+        default="",
+        help="a DNS label, unique: with 'serve --domain D' visitors open https://NAME.D/ "
+        "with no credentials (default: none)",
+    )
+    add.add_argument(
         "--uuid",
         metavar="ID",
         help="the hidden server's ID: letters, digits and . _ ~ - (default: a random UUID)",
@@ -102,6 +109,8 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
     show.add_argument("id", metavar="ID")
     show.add_argument("--secret", action="store_true", help="include the base32 TOTP secret")
     show.add_argument("--json", action="store_true", help="print a JSON object")
+    show.add_argument("--domain", help="the relay's --domain, for the visitor URL (default: the "
+                      "one the relay of this data folder last started with)")
 
     rotate = action(
         "rotate",
@@ -122,6 +131,17 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
     choice.add_argument("--password", help="the new visitor password (Digest user name: ID)")
     choice.add_argument("--off", action="store_true",
                         help="no visitor check: any password is accepted again")
+
+    rename = action(
+        "rename",
+        _rename,
+        "give a hidden server a name (its visitor URL is https://NAME.DOMAIN/) or clear it",
+    )
+    rename.add_argument("id", metavar="ID")
+    naming = rename.add_mutually_exclusive_group(required=True)
+    naming.add_argument("name", metavar="NAME", nargs="?",
+                        help="one DNS label: letters, digits and hyphens")
+    naming.add_argument("--clear", action="store_true", help="take its name away")
 
     remove = action("remove", _remove, "remove a hidden server; it can no longer park")
     remove.add_argument("id", metavar="ID")
@@ -212,12 +232,23 @@ def _public_record(entry: Entry, *, secret: bool) -> dict[str, Any]:
     return record
 
 
+def _url(found: Store, entry: Entry, domain: str | None) -> str | None:
+    """The entry's visitor URL: under ``domain`` if given, else the recorded relay's domain."""
+    if not entry.name:
+        return None
+    record = registrar.recall_relay(found.data_dir)
+    if domain is not None:
+        return visitor_url(entry.name, domain, record.port if record is not None else DEFAULT_PORT)
+    return record.visitor_url(entry.name) if record is not None else None
+
+
 # ---------------------------------------------------------------------------- the actions
 
 
 def _add(args: argparse.Namespace) -> int:
     found = store(args)
     uuid: str = args.uuid if args.uuid is not None else str(uuid4())
+    name = normal_name(args.name)
     if not _ID_PATTERN.fullmatch(uuid):
         raise ConfigError(
             f"invalid ID {uuid!r}: use 1 to 128 letters, digits and . _ ~ -, starting with a "
@@ -225,6 +256,7 @@ def _add(args: argparse.Namespace) -> int:
         )
     entry = Entry(
         uuid=uuid, base32=new_secret(), step=args.step, digits=args.digits, label=args.label,
+        name=name,
         visitor=(VisitorSecret.from_password(uuid, args.visitor_password)
                  if args.visitor_password else None),
     )
@@ -259,6 +291,22 @@ def _visitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rename(args: argparse.Namespace) -> int:
+    found = _opened(args)
+    uuid: str = args.id
+    name: str = "" if args.clear else args.name
+    if not args.clear and not name.strip():
+        raise ConfigError("the name is empty (use --clear for no name)")
+    entry = registrar.with_registry(found.registry_url, registrar.renaming(uuid, name))
+    if not entry.name:
+        print(f"hidden server {uuid}: no name; visitors reach it the original's way only")
+        return 0
+    url = _url(found, entry, None)
+    where = f" at {url}" if url else " (start the relay with --domain for its URL)"
+    print(f"hidden server {uuid} is named {entry.name}: visitors reach it{where}")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     found = _opened(args)
 
@@ -272,12 +320,15 @@ def _list(args: argparse.Namespace) -> int:
     if not entries:
         err(f"no hidden servers in {registrar.redact(found.registry_url)}")
         return 0
-    rows = [("ID", "LABEL", "CREATED")]
-    rows += [(e.uuid, one_line(e.label), local_time(e.created)) for e in entries]
-    id_width = max(len(r[0]) for r in rows)
-    label_width = max(len(r[1]) for r in rows)
-    for uuid, label, created in rows:
-        print(f"{uuid:<{id_width}}  {label:<{label_width}}  {created}")
+    # The NAME column only once some entry has a name: registries without names list as before.
+    named = any(e.name for e in entries)
+    rows = [("ID", *(("NAME",) if named else ()), "LABEL", "CREATED")]
+    rows += [(e.uuid, *((e.name or "-",) if named else ()), one_line(e.label),
+              local_time(e.created)) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths, strict=False))
+              + "  " + row[-1])
     return 0
 
 
@@ -289,10 +340,17 @@ def _show(args: argparse.Namespace) -> int:
         return await registrar.get_entry(registry, uuid)
 
     entry = registrar.with_registry(found.registry_url, op)
+    url = _url(found, entry, args.domain)
     if args.json:
-        print(json.dumps(_public_record(entry, secret=args.secret), indent=2))
+        record = _public_record(entry, secret=args.secret)
+        if url is not None:
+            record["url"] = url
+        print(json.dumps(record, indent=2))
         return 0
     print(f"ID:       {entry.uuid}")
+    print(f"name:     {entry.name or '-'}")
+    if entry.name:
+        print(f"URL:      {url or '(unknown: pass --domain, or start the relay with --domain)'}")
     print(f"label:    {one_line(entry.label)}")
     print(f"step:     {entry.step} s")
     print(f"digits:   {entry.digits}")

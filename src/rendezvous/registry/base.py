@@ -9,12 +9,26 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from rendezvous.errors import ConfigError
 from rendezvous.protocol.digest import VisitorSecret
+from rendezvous.protocol.ids import valid_name
 
 DEFAULT_STEP = 30
 DEFAULT_DIGITS = 6
 # 160 bits, the size RFC 4226 recommends for an HMAC-SHA1 secret.
 SECRET_BYTES = 20
+
+
+def normal_name(name: str) -> str:
+    """``name`` in the form the registry keeps (lower case, no surrounding space); ConfigError
+    when it is not one DNS label. The empty string (no name) passes."""
+    name = name.strip().lower()
+    if name and not valid_name(name):
+        raise ConfigError(
+            f"invalid name {name!r}: use 1 to 63 letters, digits and hyphens, not starting or "
+            "ending with a hyphen (one DNS label)"
+        )
+    return name
 
 
 def new_secret() -> str:
@@ -35,6 +49,9 @@ class Entry:
     updated: float = field(default_factory=time.time)
     # With a visitor password, mobile clients must log in for real (protocol/digest.py).
     visitor: VisitorSecret | None = None
+    # One DNS label, unique in the registry ("" for none): visitors reach the hidden server at
+    # https://NAME.DOMAIN/ with no credentials (see docs/protocol.md, named hidden servers).
+    name: str = ""
 
     def rotated(self) -> Entry:
         """The same entry with a new secret."""
@@ -45,6 +62,7 @@ class Entry:
         return {
             "uuid": self.uuid,
             "label": self.label,
+            **({"name": self.name} if self.name else {}),
             "created": self.created,
             "updated": self.updated,
             "authParams": {"base32": self.base32, "step": self.step, "digits": self.digits},
@@ -58,6 +76,7 @@ class Entry:
         auth = record["authParams"]
         created = float(record.get("created") or 0.0)
         visitor = record.get("visitor")
+        name = record.get("name")
         return cls(
             uuid=uuid,
             base32=str(auth["base32"]),
@@ -68,6 +87,8 @@ class Entry:
             updated=float(record.get("updated") or created),
             visitor=(VisitorSecret(md5=str(visitor["md5"]), sha256=str(visitor["sha256"]))
                      if isinstance(visitor, dict) else None),
+            # A name that is not one label was not written by us: the entry goes on unnamed.
+            name=name if isinstance(name, str) and valid_name(name) else "",
         )
 
 
@@ -84,16 +105,22 @@ class Registry(abc.ABC):
         """The entry with this ID, or None."""
 
     @abc.abstractmethod
+    async def by_name(self, name: str) -> Entry | None:
+        """The entry named ``name`` (lower case), or None."""
+
+    @abc.abstractmethod
     async def add(self, entry: Entry) -> None:
-        """Store a new entry; raise DuplicateEntry if the ID exists."""
+        """Store a new entry; raise DuplicateEntry if the ID exists, DuplicateName if another
+        entry has its name."""
 
     @abc.abstractmethod
     async def replace(self, entry: Entry) -> None:
-        """Overwrite an existing entry (a rotation); raise UnknownEntry if it does not exist."""
+        """Overwrite an existing entry (a rotation, a rename); raise UnknownEntry if it does not
+        exist, DuplicateName if another entry has its name."""
 
     @abc.abstractmethod
     async def remove(self, uuid: str) -> None:
-        """Delete an entry; raise UnknownEntry if it does not exist."""
+        """Delete an entry (and free its name); raise UnknownEntry if it does not exist."""
 
     @abc.abstractmethod
     async def list(self) -> list[Entry]:

@@ -5,6 +5,11 @@ Layout [compat]: the key is the ID itself and the value is a JSON record,
 "updated": ..., "uuid": ...}``. The original wrote only ``authParams`` (``base32`` and ``step``);
 :meth:`Entry.from_record` fills in the rest. The database may hold other data too: any key whose
 value is not such a record is not an entry, and is neither listed nor returned by ``get()``.
+
+Names (ours alone): an entry's record carries ``"name"``, and ``rendezvous:name:<name>`` holds its
+ID, so every relay node finds an entry by name with one GET. Writes that touch a name run as Lua
+scripts, so two nodes can never give one name to two entries. A mapping whose entry is gone or no
+longer has that name is stale and counts as free (the original's tools delete keys without it).
 """
 
 from __future__ import annotations
@@ -19,7 +24,13 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from rendezvous.errors import ConfigError, DuplicateEntry, RegistryError, UnknownEntry
+from rendezvous.errors import (
+    ConfigError,
+    DuplicateEntry,
+    DuplicateName,
+    RegistryError,
+    UnknownEntry,
+)
 from rendezvous.registry.base import Entry, Registry
 
 # An unreachable Redis should fail a CONNECT or a CLI command within seconds, not hang it.
@@ -35,6 +46,50 @@ RETRIES = 1
 BATCH = 500
 
 _T = TypeVar("_T")
+
+# Where the name -> ID mapping lives, beside the cluster's own keys (server/cluster.py).
+NAME_PREFIX = "rendezvous:name:"
+
+# The name a record names, or nil (not JSON, not ours, another type: pcall keeps it quiet).
+_LUA_NAME_OF = """
+local function name_of(key)
+  local ok, record = pcall(function() return cjson.decode(redis.call('GET', key)) end)
+  if ok and type(record) == 'table' and type(record['name']) == 'string' then
+    return record['name']
+  end
+  return nil
+end
+"""
+
+# KEYS: the entry's key, the new name's mapping key ('' for no name).
+# ARGV: the record, 'add' or 'replace', the new name ('' for none), NAME_PREFIX.
+_LUA_SAVE = _LUA_NAME_OF + """
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+if ARGV[2] == 'add' and exists then return 'duplicate' end
+if ARGV[2] == 'replace' and not exists then return 'unknown' end
+if ARGV[3] ~= '' then
+  local owner = redis.call('GET', KEYS[2])
+  if owner and owner ~= KEYS[1] and name_of(owner) == ARGV[3] then return 'name' end
+end
+if exists then
+  local old = name_of(KEYS[1])
+  if old and old ~= ARGV[3] and redis.call('GET', ARGV[4] .. old) == KEYS[1] then
+    redis.call('DEL', ARGV[4] .. old)
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[3] ~= '' then redis.call('SET', KEYS[2], KEYS[1]) end
+return 'ok'
+"""
+
+# KEYS: the entry's key. ARGV: NAME_PREFIX. The number of keys deleted (0: no such entry).
+_LUA_REMOVE = _LUA_NAME_OF + """
+local old = name_of(KEYS[1])
+if old and redis.call('GET', ARGV[1] .. old) == KEYS[1] then
+  redis.call('DEL', ARGV[1] .. old)
+end
+return redis.call('DEL', KEYS[1])
+"""
 
 
 def redacted(url: str) -> str:
@@ -98,6 +153,8 @@ class RedisRegistry(Registry):
             )
         except ValueError as exc:
             raise ConfigError(f"bad redis registry URL {self._shown}: {exc}") from exc
+        self._save = self._client.register_script(_LUA_SAVE)
+        self._remove = self._client.register_script(_LUA_REMOVE)
 
     async def _call(self, op: Callable[[], Awaitable[_T]]) -> _T:
         """Run one Redis operation, turning its failures into RegistryError."""
@@ -122,22 +179,39 @@ class RedisRegistry(Registry):
         value = await self._call(lambda: self._get_raw(uuid))
         return decode_entry(uuid, value)
 
-    async def add(self, entry: Entry) -> None:
+    async def by_name(self, name: str) -> Entry | None:
+        if not name:
+            return None
+        uuid = await self._call(lambda: self._get_raw(NAME_PREFIX + name))
+        if uuid is None:
+            return None
+        entry = await self.get(uuid.decode("utf-8", "replace") if isinstance(uuid, bytes) else uuid)
+        # A stale mapping (its entry gone or renamed by hand) names nothing.
+        return entry if entry is not None and entry.name == name else None
+
+    async def _write(self, entry: Entry, mode: str) -> None:
+        """Add (``mode`` 'add': the ID must be new) or replace (the ID must exist) ``entry`` and
+        move its name mapping, all in one script: never resurrect an entry another node has
+        just removed, never let two entries hold one name."""
         data = json.dumps(entry.to_record())
-        # SET NX: only one of two concurrent adds of the same ID can win.
-        created = await self._call(lambda: self._client.set(entry.uuid, data, nx=True))
-        if not created:
+        name_key = NAME_PREFIX + entry.name if entry.name else ""
+        outcome: bytes = await self._call(lambda: self._save(
+            keys=[entry.uuid, name_key], args=[data, mode, entry.name, NAME_PREFIX]))
+        if outcome == b"duplicate":
             raise DuplicateEntry(entry.uuid)
+        if outcome == b"unknown":
+            raise UnknownEntry(entry.uuid)
+        if outcome == b"name":
+            raise DuplicateName(entry.name)
+
+    async def add(self, entry: Entry) -> None:
+        await self._write(entry, "add")
 
     async def replace(self, entry: Entry) -> None:
-        data = json.dumps(entry.to_record())
-        # SET XX: never resurrect an entry another node has just removed.
-        replaced = await self._call(lambda: self._client.set(entry.uuid, data, xx=True))
-        if not replaced:
-            raise UnknownEntry(entry.uuid)
+        await self._write(entry, "replace")
 
     async def remove(self, uuid: str) -> None:
-        removed: int = await self._call(lambda: self._client.delete(uuid))
+        removed: int = await self._call(lambda: self._remove(keys=[uuid], args=[NAME_PREFIX]))
         if removed == 0:
             raise UnknownEntry(uuid)
 

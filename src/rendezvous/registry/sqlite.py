@@ -20,7 +20,13 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from rendezvous.errors import ConfigError, DuplicateEntry, RegistryError, UnknownEntry
+from rendezvous.errors import (
+    ConfigError,
+    DuplicateEntry,
+    DuplicateName,
+    RegistryError,
+    UnknownEntry,
+)
 from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.registry.base import Entry, Registry
 
@@ -39,13 +45,19 @@ CREATE TABLE IF NOT EXISTS entries (
     label   TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
     updated REAL NOT NULL,
-    visitor TEXT NOT NULL DEFAULT ''
+    visitor TEXT NOT NULL DEFAULT '',
+    name    TEXT NOT NULL DEFAULT ''
 )
 """
-# Files made before the visitor check lack its column: added on open.
-_MIGRATIONS = {"visitor": "ALTER TABLE entries ADD COLUMN visitor TEXT NOT NULL DEFAULT ''"}
+# Files made before the visitor check or names lack their columns: added on open.
+_MIGRATIONS = {
+    "visitor": "ALTER TABLE entries ADD COLUMN visitor TEXT NOT NULL DEFAULT ''",
+    "name": "ALTER TABLE entries ADD COLUMN name TEXT NOT NULL DEFAULT ''",
+}
+# Names are unique among the entries that have one; the index also serves by_name().
+_NAME_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS entries_name ON entries (name) WHERE name <> ''"
 
-_COLUMNS = "uuid, base32, step, digits, label, created, updated, visitor"
+_COLUMNS = "uuid, base32, step, digits, label, created, updated, visitor, name"
 
 
 def path_from_url(url: str) -> Path:
@@ -77,7 +89,7 @@ def _visitor_text(entry: Entry) -> str:
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
-    uuid, base32, step, digits, label, created, updated, visitor = row
+    uuid, base32, step, digits, label, created, updated, visitor, name = row
     secret = json.loads(visitor) if visitor else None
     return Entry(
         uuid=uuid,
@@ -88,7 +100,15 @@ def _entry(row: tuple[Any, ...]) -> Entry:
         created=float(created),
         updated=float(updated),
         visitor=VisitorSecret(secret["md5"], secret["sha256"]) if secret else None,
+        name=name or "",
     )
+
+
+def _integrity(entry: Entry, exc: sqlite3.IntegrityError) -> DuplicateEntry | DuplicateName:
+    """Which unique constraint a write broke: the ID's or the name's."""
+    if "entries.name" in str(exc):
+        return DuplicateName(entry.name)
+    return DuplicateEntry(entry.uuid)
 
 
 class SQLiteRegistry(Registry):
@@ -129,6 +149,7 @@ class SQLiteRegistry(Registry):
             for column, statement in _MIGRATIONS.items():
                 if column not in present:
                     conn.execute(statement)
+            conn.execute(_NAME_INDEX)
         except sqlite3.Error as exc:
             conn.close()
             raise self._error("open", exc) from exc
@@ -156,11 +177,17 @@ class SQLiteRegistry(Registry):
         rows = self._query("read", f"SELECT {_COLUMNS} FROM entries WHERE uuid = ?", (uuid,))
         return _entry(rows[0]) if rows else None
 
+    async def by_name(self, name: str) -> Entry | None:
+        if not name:
+            return None
+        rows = self._query("read", f"SELECT {_COLUMNS} FROM entries WHERE name = ?", (name,))
+        return _entry(rows[0]) if rows else None
+
     async def add(self, entry: Entry) -> None:
         conn = self._connect()
         try:
             conn.execute(
-                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     entry.uuid,
                     entry.base32,
@@ -170,30 +197,37 @@ class SQLiteRegistry(Registry):
                     entry.created,
                     entry.updated,
                     _visitor_text(entry),
+                    entry.name,
                 ),
             )
         except sqlite3.IntegrityError as exc:
-            # The primary key is the only constraint a well-formed Entry can violate.
-            raise DuplicateEntry(entry.uuid) from exc
+            # The primary key and the name index are the only constraints an Entry can violate.
+            raise _integrity(entry, exc) from exc
         except sqlite3.Error as exc:
             raise self._error("write", exc) from exc
 
     async def replace(self, entry: Entry) -> None:
-        changed = self._change(
-            "write",
-            "UPDATE entries SET base32 = ?, step = ?, digits = ?, label = ?, created = ?,"
-            " updated = ?, visitor = ? WHERE uuid = ?",
-            (
-                entry.base32,
-                entry.step,
-                entry.digits,
-                entry.label,
-                entry.created,
-                entry.updated,
-                _visitor_text(entry),
-                entry.uuid,
-            ),
-        )
+        try:
+            changed = self._change(
+                "write",
+                "UPDATE entries SET base32 = ?, step = ?, digits = ?, label = ?, created = ?,"
+                " updated = ?, visitor = ?, name = ? WHERE uuid = ?",
+                (
+                    entry.base32,
+                    entry.step,
+                    entry.digits,
+                    entry.label,
+                    entry.created,
+                    entry.updated,
+                    _visitor_text(entry),
+                    entry.name,
+                    entry.uuid,
+                ),
+            )
+        except RegistryError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise _integrity(entry, exc.__cause__) from exc.__cause__
+            raise
         if changed == 0:
             raise UnknownEntry(entry.uuid)
 
