@@ -332,6 +332,18 @@ def test_online_status_does_not_leak_to_a_wrong_password(tmp_path: Path) -> None
             assert time.monotonic() - started >= 0.9
 
 
+def test_without_pair_wait_a_wrong_password_still_gets_401(tmp_path: Path) -> None:
+    with running_server(tmp_path, pair_wait=0.0) as server:
+        entry = guarded_entry(server)
+        with server.connect() as sock:
+            sock.sendall(basic_request(entry.uuid, "guess"))
+            assert statuses(recv_until(sock, b"\r\n\r\n")) == [401]
+            sock.sendall(basic_request(entry.uuid, VISITOR_PASSWORD))
+            assert statuses(recv_until(sock, b"\r\n\r\n")) == [404]
+            sock.sendall(basic_request("no-such-id", "x"))
+            assert statuses(recv_until(sock, b"\r\n\r\n")) == [404]
+
+
 # 5. A hidden server behind a shared address is not locked out -----------------------------
 
 def connect_from(server: ServerThread, uuid: str, token: str, source: str) -> bytes:

@@ -535,9 +535,6 @@ class Connection(asyncio.Protocol):
             self.pair_with(hidden)
             return
         cluster = hub.cluster if self.kind == PUBLIC else None
-        if hub.limits.pair_wait <= 0 and cluster is None:
-            self._not_found()
-            return
         self.state = WAITING
         hub.wait_for(self)
         if hub.limits.pair_wait > 0:
@@ -545,7 +542,10 @@ class Connection(asyncio.Protocol):
         hub.spawn(self._forward(cluster) if cluster is not None else self._precheck())
 
     async def _precheck(self) -> None:
-        await self._check_visitor_early()
+        # Without pair_wait the 404 waits for the check only: a wrong password gets its 401
+        # (not a 404 that would tell it nothing is parked).
+        if await self._check_visitor_early() and self.timer is None and self.state == WAITING:
+            self._not_found()
 
     async def _check_visitor_early(self) -> bool:
         """Nothing is parked: check the visitor password now, if the entry has one, so that a
