@@ -142,6 +142,8 @@ class ServerConfig:
     # (a Unix socket); None: neither (a relay embedded in tests or another program).
     data_dir: Path | None = None
     public: RelayAddress | None = None  # what provisioning files say; port None: the bound one
+    # serve --domain: a request for NAME.DOMAIN goes to the entry named NAME; "" for none.
+    domain: str = ""
 
 
 # The admin page (registrar) ---------------------------------------------------------------

@@ -56,8 +56,16 @@ from rendezvous.config import (
     TLSConfig,
 )
 from rendezvous.errors import ConfigError, RendezvousError
+from rendezvous.protocol.hostnames import normal_domain
+from rendezvous.protocol.ids import valid_name
 from rendezvous.provisioning import default_server_host, self_signed_pem
-from rendezvous.tls import CERT_FILE, ensure_self_signed, is_self_signed, server_ssl_context
+from rendezvous.tls import (
+    CERT_FILE,
+    cert_names,
+    ensure_self_signed,
+    is_self_signed,
+    server_ssl_context,
+)
 
 
 def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
@@ -91,6 +99,13 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
         help="name or address clients use to reach the relay; repeatable. The first is the "
         "host provisioning files give; all are added to the self-signed certificate when it "
         "is created (ignored with --cert or --no-tls)",
+    )
+    tls.add_argument(
+        "--domain",
+        metavar="DOMAIN",
+        help="serve named hidden servers: https://NAME.DOMAIN/ reaches the entry named NAME "
+        "('users add --name'), with no credentials; needs a wildcard DNS record *.DOMAIN "
+        "pointing here and a certificate for *.DOMAIN (--cert) (default: none)",
     )
     tls.add_argument(
         "--no-tls",
@@ -402,6 +417,7 @@ def _serve(args: argparse.Namespace) -> int:
         admin=admin and replace(admin, relay=relay),
         data_dir=found.data_dir,
         public=relay,
+        domain=_domain(args.domain, tls),
     )
     _banner(config, found, relay, args.port)
 
@@ -409,6 +425,23 @@ def _serve(args: argparse.Namespace) -> int:
     from rendezvous.server.app import run
 
     return run(config)
+
+
+def _domain(given: str | None, tls: TLSConfig | None) -> str:
+    """The --domain in the form the relay compares hosts with; warn when the certificate does
+    not cover its names (visitors' browsers would refuse them)."""
+    if given is None:
+        return ""
+    domain = normal_domain(given)
+    if not domain or not all(valid_name(label) for label in domain.split(".")):
+        raise ConfigError(f"invalid --domain {given!r}: a DNS name such as relay.example.com")
+    if tls is not None:
+        with contextlib.suppress(RendezvousError, OSError, ValueError):
+            names = [n.lower() for n in cert_names(tls.cert_file.read_bytes())]
+            if f"*.{domain}" not in names:
+                err(f"warning: the certificate {tls.cert_file} does not cover *.{domain}: "
+                    f"browsers will refuse named hosts (give --cert/--key for *.{domain})")
+    return domain
 
 
 def _banner(config: ServerConfig, found: Store, relay: RelayAddress, listen_port: int) -> None:

@@ -73,6 +73,7 @@ class RendezvousServer:
                      .digest() if config.cluster is not None else None)
         hub: Hub[Connection] = Hub(self.registry, config.limits, loop, nonce_key=nonce_key)
         self.hub = hub
+        hub.domain = config.domain
         # Accepted as plain TCP; each connection starts its own TLS handshake (with its own
         # deadline) once counted, so sockets in their handshake cannot escape the caps.
         context = self.ssl_context

@@ -9,6 +9,11 @@ once the first hidden server has answered in full, then is served as a first req
 names none gets the relay's challenge (the client's retry names its ID) and the pairing goes
 on. After a ``101`` both directions are raw.
 
+With ``serve --domain D``, a request whose ``Host`` is ``NAME.D`` goes to the entry with that
+name (a registry lookup) with no credentials needed and every header passed on untouched; its
+later requests must keep that ``Host``, and one with another ends the pairing as a cross-ID one
+does (docs/protocol.md, named hidden servers).
+
 Everything is callback-driven (an ``asyncio.Protocol``, no task and no buffer per parked
 connection) because a relay holds thousands of idle parked connections and must move bytes with
 as little Python per chunk as possible: inside a body, ``data_received`` only counts and writes.
@@ -34,6 +39,7 @@ from rendezvous.protocol.framing import (
     request_body,
 )
 from rendezvous.protocol.head import NEED_MORE, HeadError, HeadReader, HeadTooLarge, RequestHead
+from rendezvous.protocol.hostnames import name_in
 from rendezvous.protocol.routing import (
     DIAG_EARLY_DATA,
     DIAG_INVALID,
@@ -112,6 +118,7 @@ class Connection(asyncio.Protocol):
         "idle_timer",
         "kind",
         "left",
+        "named",
         "peer",
         "peername",
         "pending",
@@ -164,6 +171,7 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.failures = 0  # wrong visitor passwords on this connection
         self.visitor_ok = False  # the current request passed the visitor check
+        self.named = ""  # mobile: the name its Host asked for (serve --domain); "" for none
 
     # asyncio callbacks ---------------------------------------------------------------------
 
@@ -401,7 +409,21 @@ class Connection(asyncio.Protocol):
                 else responses.full_error(status, exc.reason, permanent=True, close=True))
         self._reject(exc.reason, body, status=status)
 
+    def _name_of(self, head: RequestHead) -> str | None:
+        """The name a request's ``Host`` asks for under the relay's --domain, or None: the
+        relay's own names (and every host, with no --domain) are routed the original's way."""
+        domain = self.hub.domain
+        if not domain or head.method == "CONNECT":
+            return None
+        host = head.header(b"host")
+        return name_in(host.decode("latin-1"), domain) if host is not None else None
+
     def _dispatch(self, head: RequestHead) -> None:
+        self.named = ""
+        name = self._name_of(head)
+        if name is not None:
+            self._dispatch_named(head, name)
+            return
         decision = route(head)
         if isinstance(decision, Park):
             self.uuid = decision.uuid
@@ -446,6 +468,42 @@ class Connection(asyncio.Protocol):
                 decision.status, decision.diagnostic, decision.permanent, close))
             self._note_rejection(decision.diagnostic, decision.status)
             self._finish_refused(head, close)
+
+    def _dispatch_named(self, head: RequestHead, name: str) -> None:
+        """A request for NAME.DOMAIN: find the entry with that name, then pair as if the
+        request had named its ID (its bytes meanwhile wait, as a waiting client's do)."""
+        try:
+            request_body(head)
+        except FramingError as exc:
+            self._reject(exc.reason, responses.full_error(
+                400, exc.reason, permanent=True, close=True), status=400)
+            return
+        self.head = head
+        self.named = name
+        self.uuid = ""
+        self.visitor_ok = False
+        self.state = WAITING  # not in the waiting line until the name is found
+        self.hub.spawn(self._resolve_name(name))
+
+    async def _resolve_name(self, name: str) -> None:
+        try:
+            entry = await self.hub.registry.by_name(name)
+        except Exception as exc:  # any backend failure must cost this peer only
+            if not isinstance(exc, RegistryError):
+                logs.log.exception("registry lookup failed")
+            if self.state == WAITING:
+                self._reject(f"registry error: {exc}", responses.full_error(
+                    503, "registry unavailable", close=True), status=503)
+            return
+        if self.state != WAITING:
+            return  # the client left (or the relay is closing) while we looked it up
+        if entry is None:
+            self.uuid = name  # (what the rejection logs)
+            self._not_found()
+            return
+        self.uuid = entry.uuid
+        self.since = self.hub.loop.time()
+        self._request_pairing()
 
     def _finish_refused(self, head: RequestHead, close: bool) -> None:
         """After answering a request ourselves: close, or skip its body and read the next."""
@@ -710,7 +768,8 @@ class Connection(asyncio.Protocol):
         hidden, head = self.peer, self.head
         assert hidden is not None and head is not None
         self.timer = None
-        latency = self._link(hidden, head.forwarded())
+        # On a named host nothing is stripped: the hidden server may authenticate itself.
+        latency = self._link(hidden, head.forwarded(strip_authorization=not self.named))
         self.hub.paired(self.uuid, latency)
         logs.event("paired", id=self.uuid, mobile=self._peer_text(), hidden=hidden._peer_text(),
                    latency=f"{latency * 1000:.1f}ms")
@@ -826,12 +885,17 @@ class Connection(asyncio.Protocol):
         peer = self.peer
         assert peer is not None
         self.discarding = False
-        decision = route(head)
-        if not (isinstance(decision, Pair) and decision.uuid == self.uuid):
+        name = self._name_of(head)
+        if self.named or name is not None:  # a named pairing goes on only for its own Host
+            same = name == self.named
+        else:
+            decision = route(head)
+            same = isinstance(decision, Pair) and decision.uuid == self.uuid
+        if not same:
             self._hold(head)
             return
-        # Another relay node routes by it, and strips it itself.
-        request = head.forwarded(strip_authorization=peer.kind != OUTBOUND)
+        # Another relay node routes by it, and strips it itself; a named host strips nothing.
+        request = head.forwarded(strip_authorization=peer.kind != OUTBOUND and not self.named)
         self.head = head
         self.received += len(request)
         peer.transport.write(request)
@@ -873,7 +937,9 @@ class Connection(asyncio.Protocol):
         request, paired anew or answered here: 404, 401, 400 (False)."""
         item, self.pending = self.pending, None
         assert item is not None and self.framer is not None
-        if isinstance(item, RequestHead) and _challenge_in_pairing(item):
+        # (A named pairing's held request has another Host: it always ends the pairing.)
+        if (isinstance(item, RequestHead) and not self.named and self._name_of(item) is None
+                and _challenge_in_pairing(item)):
             self._challenge()
             return True
         rest = self.framer.detach()

@@ -194,6 +194,7 @@ class Hub(Generic[L]):
         self.nonces = NonceBook(nonce_key)
         self.closing = False  # shutting down: connections that arrive now are cut
         self.cluster: Cluster | None = None  # set when serving as part of a cluster
+        self.domain = ""  # serve --domain: requests for NAME.DOMAIN go to the entry named NAME
         # Called with an ID whenever its pool grows or shrinks (the cluster publishes sizes).
         self.on_pool_change: Callable[[str], None] | None = None
         self.stats = Stats()

@@ -79,7 +79,7 @@ class LocalRecords:
             host=public.host, port=public.port or self.port,
             cert_file=tls.cert_file if tls is not None else None,
             listening=tuple(self.listening), status_socket=self.socket_path,
-            pid=os.getpid(), started=self._started,
+            pid=os.getpid(), started=self._started, domain=self.config.domain,
         )
         try:
             written = registrar.remember_relay(self.data_dir, record)
