@@ -201,6 +201,7 @@ class AdminConfig:
     password_failures: int = DEFAULT_ADMIN_FAILURES
     password_failure_interval: float = DEFAULT_ADMIN_FAILURE_INTERVAL
     relay: RelayAddress = field(default_factory=lambda: RelayAddress("localhost"))
+    domain: str = ""  # the relay's --domain: named entries' visitor URLs are under it
 
     def __post_init__(self) -> None:
         if self.password is not None and not self.password:

@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from rendezvous.config import DEFAULT_PORT, AdminConfig, RelayAddress
+from rendezvous.protocol.hostnames import visitor_url
 from rendezvous.registry import Registry
 
 if TYPE_CHECKING:
@@ -45,6 +46,13 @@ class AdminState:
         its port the relay's in this process when it names none."""
         relay = self.config.relay
         return replace(relay, port=relay.port or self.relay_port or DEFAULT_PORT)
+
+    def visitor_url(self, name: str) -> str | None:
+        """The URL visitors open for the entry named ``name``; None without a name or a
+        --domain. (The relay's public port: a balancer's, or the one it binds.)"""
+        if not name or not self.config.domain:
+            return None
+        return visitor_url(name, self.config.domain, self.relay().port or DEFAULT_PORT)
 
 
 STATE: web.AppKey[AdminState] = web.AppKey("rendezvous_admin_state", AdminState)

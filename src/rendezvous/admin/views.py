@@ -2,9 +2,9 @@
 
     GET  /                    hidden servers, live relay status, the form to add one
     GET  /entry?id=ID         one hidden server: its provisioning file and QR code
-    GET  /provisioning.json?id=ID, /qr.svg?id=ID
+    GET  /provisioning.json?id=ID, /qr.svg?id=ID, /visitor-qr.svg?id=ID (its visitor URL)
     GET  /confirm?action=rotate|remove&id=ID    then POST /rotate or /remove
-    POST /create              label, step, digits
+    POST /create              label, name, step, digits, visitor_password
     GET  /api/status          live numbers (JSON), polled by the page every 2 s
     GET|POST /login, POST /logout
     GET  /metrics, /healthz, /readyz
@@ -35,11 +35,17 @@ from rendezvous.admin.security import Session, get_session
 from rendezvous.admin.state import STATE, AdminState
 from rendezvous.admin.status import IdNumbers
 from rendezvous.config import DEFAULT_PORT
-from rendezvous.errors import DuplicateEntry, RegistryError, UnknownEntry
+from rendezvous.errors import (
+    ConfigError,
+    DuplicateEntry,
+    DuplicateName,
+    RegistryError,
+    UnknownEntry,
+)
 from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.provisioning import MAX_DIGITS, MIN_DIGITS, provisioning_document
 from rendezvous.registry import Entry, new_secret
-from rendezvous.registry.base import DEFAULT_STEP
+from rendezvous.registry.base import DEFAULT_STEP, normal_name
 
 # What the add form accepts (the same bounds as `rendezvous users add`).
 MAX_STEP = 3600
@@ -95,7 +101,7 @@ async def _registry_call(request: web.Request, call: Callable[[], Awaitable[T]])
     """Run a registry call; count and report a backend failure as a 503 page."""
     try:
         return await call()
-    except (UnknownEntry, DuplicateEntry):
+    except (UnknownEntry, DuplicateEntry, DuplicateName):
         raise
     except RegistryError as exc:
         state = _state(request)
@@ -146,7 +152,8 @@ async def index(request: web.Request) -> web.Response:
     entries = await _registry_call(request, registry.list)
     snapshot = state.status.snapshot() if state.status is not None else None
     numbers: dict[str, Any] = snapshot["ids"] if snapshot else {}
-    rows = [{"entry": e, "live": IdNumbers(**numbers.get(e.uuid, {}))} for e in entries]
+    rows = [{"entry": e, "live": IdNumbers(**numbers.get(e.uuid, {})),
+             "url": state.visitor_url(e.name)} for e in entries]
     return await render(
         request,
         "index.html",
@@ -158,6 +165,7 @@ async def index(request: web.Request) -> web.Response:
         digit_choices=DIGIT_CHOICES,
         max_step=MAX_STEP,
         max_label=MAX_LABEL,
+        domain=state.config.domain,
     )
 
 
@@ -171,6 +179,7 @@ async def entry_page(request: web.Request) -> web.Response:
         request,
         "entry.html",
         entry=entry,
+        visitor_url=state.visitor_url(entry.name),
         document=json.dumps(document, indent=2),
         qr_fits=qr_fits,
         just_made=request.query.get("new") == "1",
@@ -197,6 +206,33 @@ async def qr_code(request: web.Request) -> web.Response:
     if svg is None:
         return web.Response(status=413, text="the provisioning file is too large for a QR code\n")
     return web.Response(body=svg, content_type="image/svg+xml")
+
+
+@routes.get("/visitor-qr.svg")
+async def visitor_qr_code(request: web.Request) -> web.Response:
+    """The entry's visitor URL as a QR code: a phone scans it and opens the hidden server."""
+    state = _state(request)
+    entry = await _entry(request, _id_param(request))
+    url = state.visitor_url(entry.name)
+    if url is None:
+        raise web.HTTPNotFound(text="this hidden server has no visitor URL (no name, or the "
+                                    "relay runs without --domain)\n")
+    svg = await asyncio.to_thread(_svg, url, "visitor URL")
+    assert svg is not None  # a host name (at most 253 characters) always fits
+    return web.Response(body=svg, content_type="image/svg+xml")
+
+
+def _svg(data: str, title: str) -> bytes | None:
+    """``data`` as a QR code in SVG (error correction M: a URL is short, and a phone's camera
+    meets smudges); None if it cannot fit."""
+    try:
+        code = segno.make_qr(data, error="m")
+    except segno.DataOverflowError:
+        return None
+    out = io.BytesIO()
+    code.save(out, kind="svg", border=4, xmldecl=False, omitsize=True,
+              title=title, dark="#000", light="#fff")
+    return out.getvalue()
 
 
 def _qr_svg(document: dict[str, Any]) -> bytes | None:
@@ -237,17 +273,26 @@ async def create(request: web.Request) -> web.StreamResponse:
     digits = _form_int(form.get("digits"), FORM_DIGITS, MIN_DIGITS, MAX_DIGITS, "digits")
     if len(label) > MAX_LABEL:
         raise web.HTTPBadRequest(text=f"label longer than {MAX_LABEL} characters\n")
+    try:
+        name = normal_name(str(form.get("name") or ""))
+    except ConfigError as exc:
+        raise web.HTTPBadRequest(text=f"{exc}\n") from None
     password = str(form.get("visitor_password") or "")
     if len(password) > MAX_VISITOR_PASSWORD or any(c in password for c in "\r\n"):
         raise web.HTTPBadRequest(
             text=f"visitor password: one line of at most {MAX_VISITOR_PASSWORD} characters\n")
     uuid = str(uuid4())
     entry = Entry(uuid=uuid, base32=new_secret(), step=step, digits=digits, label=label,
-                  visitor=VisitorSecret.from_password(uuid, password) if password else None)
+                  visitor=VisitorSecret.from_password(uuid, password) if password else None,
+                  name=name)
     registry = state.registry
-    await _registry_call(
-        request, lambda: registrar.provision(registry, registrar.adding(entry), state.relay()))
-    logs.event("admin created", id=entry.uuid, label=label, visitors=bool(password),
+    try:
+        await _registry_call(
+            request, lambda: registrar.provision(registry, registrar.adding(entry), state.relay()))
+    except DuplicateName as exc:
+        raise web.HTTPConflict(text=f"{exc}: choose another name\n") from None
+    logs.event("admin created", id=entry.uuid, label=label, name=name or "-",
+               visitors=bool(password),
                by=_peer(request))
     session = get_session(request)
     _flash(session, "ok", f"Added {label or entry.uuid}. Give the hidden server its "

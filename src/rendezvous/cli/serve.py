@@ -405,6 +405,7 @@ def _serve(args: argparse.Namespace) -> int:
     if tls is not None:
         server_ssl_context(tls)  # a bad pair fails here, with its file names, before the banner
     relay = public_relay(args, found, tls)
+    domain = _domain(args.domain, tls)
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -414,10 +415,10 @@ def _serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         use_uvloop=not args.no_uvloop,
         cluster=_cluster_config(args),
-        admin=admin and replace(admin, relay=relay),
+        admin=admin and replace(admin, relay=relay, domain=domain),
         data_dir=found.data_dir,
         public=relay,
-        domain=_domain(args.domain, tls),
+        domain=domain,
     )
     _banner(config, found, relay, args.port)
 
