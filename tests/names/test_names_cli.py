@@ -74,3 +74,9 @@ def test_names_on_redis(tmp_path: Path, redis_registry_url: str) -> None:
     ok(rendezvous("users", "remove", "r1", "--registry", url, cwd=tmp_path))
     ok(rendezvous("users", "add", "--uuid", "r2", "--name", "hub", "--registry", url,
                   cwd=tmp_path))
+
+
+def test_serve_refuses_a_bad_domain(tmp_path: Path) -> None:
+    for bad in ("under_score.example", "-x.example", "a..b"):
+        failed(rendezvous("serve", "--port", "0", f"--domain={bad}", cwd=tmp_path),
+               "invalid --domain")
