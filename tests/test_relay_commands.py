@@ -41,11 +41,11 @@ class Result:
     err: str
 
 
-def rendezvous(*args: str, timeout: float = RUN_TIMEOUT) -> Result:
-    """Run the command in another process, with no RENDEZVOUS_* variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
+def rendezvous(*args: str, env: dict[str, str] | None = None) -> Result:
+    """Run the command in another process, with no RENDEZVOUS_* variables but ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RENDEZVOUS_")}
     proc = subprocess.run([sys.executable, "-m", "rendezvous", *args], capture_output=True,
-                          text=True, timeout=timeout, check=False, env=env)
+                          text=True, timeout=RUN_TIMEOUT, check=False, env={**clean, **(env or {})})
     assert "Traceback" not in proc.stderr, proc.stderr
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
@@ -278,6 +278,13 @@ def test_open_and_get_log_in_with_the_visitor_password(tmp_path: Path) -> None:
             assert (got.code, got.out) == (0, f"via {auth}\n"), got.err
             served.join(5)
             hidden = park(prov)
+        # From the environment: out of the process list.
+        served = answer_once(hidden, b"via env\n")
+        got = rendezvous("get", "v", "/", "--config", config,
+                         env={"RENDEZVOUS_VISITOR_PASSWORD": "s3cret"})
+        assert (got.code, got.out) == (0, "via env\n"), got.err
+        served.join(5)
+        hidden = park(prov)
 
         for auth in ("basic", "digest"):
             tunnel = subprocess.Popen(
@@ -321,6 +328,8 @@ def test_the_admin_form_sets_a_visitor_password_and_8_digits(tmp_path: Path) -> 
             assert made.status_code == 303, made.text
             doc = client.get(base + made.headers["Location"].replace(
                 "/entry", "/provisioning.json"), timeout=10).json()
+            entry = client.get(base + made.headers["Location"], timeout=10).text
+            assert re.search(r'id="visitors">checked: they log in as', entry)
         # The page's files point at this relay: its recorded host, the port it listens on.
         record = json.loads((data / "relay.json").read_text())
         assert (doc["server"]["host"], doc["server"]["port"]) == (record["host"], relay.port)

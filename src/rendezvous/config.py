@@ -227,6 +227,7 @@ DEFAULT_LISTEN = ("127.0.0.1", 8080)  # where ``rendezvous open`` listens
 # The password that goes with the ID when the hidden server checks no visitors: the relay
 # then reads only the user name (node-rendezvous's clients send "x").
 DEFAULT_VISITOR_PASSWORD = "x"
+ENV_VISITOR_PASSWORD = "RENDEZVOUS_VISITOR_PASSWORD"  # for `open`/`get`: out of the process list
 
 
 @dataclass(frozen=True, slots=True)

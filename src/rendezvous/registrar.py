@@ -4,6 +4,7 @@
     with_registry      open the registry, check it answers, run one operation, close it
     provision          change the registry, write the provisioning file, undo the change if
                        the file cannot be written
+    own_address        what a relay about to start tells hidden servers about itself
     public_address     the relay address a new provisioning file gives its hidden server
     renaming           give an entry a name (a plain URL for visitors), or clear it
     remember_relay     what ``serve`` records in DATA_DIR/relay.json at start
@@ -27,7 +28,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from rendezvous.config import DEFAULT_PORT, ENV_DATA_DIR, RelayAddress, Store, is_loopback_host
+from rendezvous.config import (
+    DEFAULT_PORT,
+    ENV_DATA_DIR,
+    RelayAddress,
+    Store,
+    TLSConfig,
+    is_loopback_host,
+)
 from rendezvous.errors import ConfigError, ProvisioningError, RegistryError, UnknownEntry
 from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.protocol.hostnames import visitor_url
@@ -305,6 +313,19 @@ def recall_relay(data_dir: Path) -> RelayRecord | None:
             f"{path} is not a relay record (host, port, cert): delete it; the relay writes it "
             "again at its next start"
         ) from None
+
+
+def own_address(
+    store: Store, tls: TLSConfig | None, *, host: str | None = None, port: int | None = None,
+    public_hosts: list[str] | tuple[str, ...] = (),
+) -> RelayAddress:
+    """What a relay about to start tells hidden servers about itself (``serve``): ``host``,
+    else the first of ``public_hosts``, else the first public name in its certificate, else
+    this machine's FQDN; ``port`` (None: the port it binds); its certificate when self-signed."""
+    cert_file = tls.cert_file if tls is not None else store.data_dir / CERT_FILE
+    name = host or (public_hosts[0] if public_hosts else None) or default_server_host(cert_file)
+    ca = self_signed_pem(tls.cert_file) if tls is not None else None
+    return RelayAddress(host=name, port=port, ca_pem=ca)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,13 @@ from rendezvous.cli.options import (
     runtime_options,
     seconds,
 )
-from rendezvous.config import DEFAULT_LISTEN, DEFAULT_PORT, DEFAULT_VISITOR_PASSWORD, TunnelConfig
+from rendezvous.config import (
+    DEFAULT_LISTEN,
+    DEFAULT_PORT,
+    DEFAULT_VISITOR_PASSWORD,
+    ENV_VISITOR_PASSWORD,
+    TunnelConfig,
+)
 from rendezvous.errors import ConfigError
 from rendezvous.tls import read_cert_pem
 
@@ -94,8 +100,9 @@ def _relay_options(default_auth: str) -> argparse.ArgumentParser:
         "--visitor-password",
         metavar="PASSWORD",
         help="the password of a hidden server that checks its visitors ('users visitor'); "
-        f"works with Basic and Digest (default: {DEFAULT_VISITOR_PASSWORD!r}: any password "
-        "does when visitors are not checked)",
+        f"works with Basic and Digest (default: ${ENV_VISITOR_PASSWORD}, which keeps it out of "
+        f"the process list, else {DEFAULT_VISITOR_PASSWORD!r}: any password does when visitors "
+        "are not checked)",
     )
     return common
 
@@ -176,6 +183,8 @@ def _tunnel_config(args: argparse.Namespace) -> TunnelConfig:
         raise ConfigError(f"ID {uuid!r} holds ':', which Basic credentials cannot carry: "
                           "pass --auth digest")
     password: str | None = args.visitor_password
+    if password is None:
+        password = os.environ.get(ENV_VISITOR_PASSWORD) or None
     if password is not None and (not password or any(c in password for c in "\r\n")):
         raise ConfigError("the visitor password must be one line, not empty")
     config: Path | None = args.config

@@ -58,14 +58,7 @@ from rendezvous.config import (
 from rendezvous.errors import ConfigError, RendezvousError
 from rendezvous.protocol.hostnames import normal_domain
 from rendezvous.protocol.ids import valid_name
-from rendezvous.provisioning import default_server_host, self_signed_pem
-from rendezvous.tls import (
-    CERT_FILE,
-    cert_names,
-    ensure_self_signed,
-    is_self_signed,
-    server_ssl_context,
-)
+from rendezvous.tls import cert_names, ensure_self_signed, is_self_signed, server_ssl_context
 
 
 def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
@@ -98,7 +91,7 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
         default=[],
         help="name or address clients use to reach the relay; repeatable. The first is the "
         "host provisioning files give; all are added to the self-signed certificate when it "
-        "is created (ignored with --cert or --no-tls)",
+        "is created (not with --cert or --no-tls)",
     )
     tls.add_argument(
         "--domain",
@@ -380,16 +373,6 @@ def _tls_config(args: argparse.Namespace, found: Store) -> TLSConfig | None:
                               warn=lambda m: err(f"warning: {m}"))
 
 
-def public_relay(args: argparse.Namespace, found: Store, tls: TLSConfig | None) -> RelayAddress:
-    """What this relay's provisioning files say about it; port None: the port it binds."""
-    public_hosts: list[str] = args.public_host
-    cert_file = tls.cert_file if tls is not None else found.data_dir / CERT_FILE
-    host: str = (args.server_host or (public_hosts[0] if public_hosts else None)
-                 or default_server_host(cert_file))
-    ca = self_signed_pem(tls.cert_file) if tls is not None else None
-    return RelayAddress(host=host, port=args.server_port, ca_pem=ca)
-
-
 def _serve(args: argparse.Namespace) -> int:
     found = store(args)
     if (args.cert is None) != (args.key is None):
@@ -404,7 +387,8 @@ def _serve(args: argparse.Namespace) -> int:
     tls = _tls_config(args, found)
     if tls is not None:
         server_ssl_context(tls)  # a bad pair fails here, with its file names, before the banner
-    relay = public_relay(args, found, tls)
+    relay = registrar.own_address(found, tls, host=args.server_host, port=args.server_port,
+                                  public_hosts=args.public_host)
     domain = _domain(args.domain, tls)
     config = ServerConfig(
         host=args.host,
