@@ -34,6 +34,9 @@ DEFAULT_PARKED_TIMEOUT = 900.0
 # A pairing with no byte either way this long is closed (0: never). Generous: a WebSocket app
 # that pings every few minutes, or a slow hidden server thinking, must not be cut.
 DEFAULT_PAIR_IDLE_TIMEOUT = 600.0
+# Seconds between checks for registry changes made by other processes (SQLite; Redis is told at
+# once): a rotation or removal by the CLI cuts the old parked connections within about this long.
+DEFAULT_REGISTRY_POLL = 0.5
 
 
 # Failed CONNECTs (wrong token, unknown ID) allowed before 429; README.md gives the odds.
@@ -96,6 +99,7 @@ class Limits:
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS
     parked_timeout: float = DEFAULT_PARKED_TIMEOUT
     pair_idle_timeout: float = DEFAULT_PAIR_IDLE_TIMEOUT
+    registry_poll: float = DEFAULT_REGISTRY_POLL
     guesses: GuessLimits = field(default_factory=GuessLimits)  # CONNECT tokens
     visitor_guesses: GuessLimits = field(default_factory=GuessLimits)  # visitor passwords
     visitor_failures_per_connection: int = DEFAULT_VISITOR_FAILURES_PER_CONNECTION

@@ -17,6 +17,7 @@ import pytest
 from admin_support import admin_config, connect_as
 from harness import PARKED, ServerThread, running_server
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from revocation_support import REVOKED_WITHIN, closed_by_relay
 
 from rendezvous.provisioning import Provisioning, load_provisioning
 
@@ -118,7 +119,8 @@ def test_provision_watch_rotate_and_remove(tmp_path: Path, browser: Browser) -> 
         expect(entry_row).to_be_visible()
         page.fill("#search", "")
 
-        # Rotate, after a confirmation: a new file; the old one no longer parks, the new does.
+        # Rotate, after a confirmation: a new file; the connection parked with the old one is
+        # closed and the old one no longer parks; the new one does.
         entry_row.get_by_role("link", name="Rotate").click()
         expect(page.locator("#confirm-title")).to_contain_text("Rotate the secret")
         shot(page, "04-rotate-confirm")
@@ -128,6 +130,7 @@ def test_provision_watch_rotate_and_remove(tmp_path: Path, browser: Browser) -> 
         shot(page, "05-rotated")
         rotated = download_file(page, tmp_path, "rotated.json")
         assert rotated.uuid == uuid and rotated.base32 != prov.base32
+        assert closed_by_relay(sock, REVOKED_WITHIN)
         stale, answer = connect_as(prov)
         sockets.enter_context(stale)
         assert answer.startswith(b"HTTP/1.1 401"), answer
@@ -135,9 +138,9 @@ def test_provision_watch_rotate_and_remove(tmp_path: Path, browser: Browser) -> 
         sockets.enter_context(fresh)
         assert answer == PARKED
 
-        # The list shows both parked connections and the refused CONNECT: on a phone too.
+        # The list shows the one connection parked now and the refused CONNECT: on a phone too.
         page.goto(base + "/")
-        expect(entry_row.locator('[data-field="parked"]')).to_have_text("2")
+        expect(entry_row.locator('[data-field="parked"]')).to_have_text("1")
         expect(page.locator("#rejections")).to_contain_text("wrong token")
         phone = context.new_page()
         phone.set_viewport_size(PHONE)

@@ -324,8 +324,9 @@ async def rotate(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound(text=f"no hidden server with ID {uuid!r}\n") from None
     logs.event("admin rotated", id=uuid, by=_peer(request))
     session = get_session(request)
-    _flash(session, "ok", "New secret made: the old one no longer parks. Give the hidden "
-                          "server this new provisioning file.")
+    _flash(session, "ok", "New secret made: the old one no longer parks, and connections "
+                          "parked with it are closed. Give the hidden server this new "
+                          "provisioning file.")
     raise web.HTTPSeeOther(str(URL.build(path="/entry", query={"id": uuid, "new": "1"})))
 
 
@@ -340,8 +341,8 @@ async def remove(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound(text=f"no hidden server with ID {uuid!r}\n") from None
     logs.event("admin removed", id=uuid, by=_peer(request))
     session = get_session(request)
-    _flash(session, "ok", f"Removed {uuid}: it can no longer park. Connections parked "
-                          "already stay until they close.")
+    _flash(session, "ok", f"Removed {uuid}: it can no longer park, and its parked "
+                          "connections are closed.")
     raise web.HTTPSeeOther("/")
 
 

@@ -39,6 +39,7 @@ from rendezvous.config import (
     DEFAULT_PARKED_TIMEOUT,
     DEFAULT_POOL_SIZE,
     DEFAULT_PORT,
+    DEFAULT_REGISTRY_POLL,
     DEFAULT_SETTLE,
     DEFAULT_VISITOR_FAILURES_PER_CONNECTION,
     ENV_CLUSTER_KEY,
@@ -211,6 +212,14 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         help="close a pairing with no byte either way this long; 0: never "
         "(default: %(default)s)",
     )
+    limits.add_argument(
+        "--registry-poll",
+        type=seconds(allow_zero=False),
+        default=DEFAULT_REGISTRY_POLL,
+        metavar="SECONDS",
+        help="how often to look for registry changes made by other processes, such as "
+        "`users rotate`; parked connections they revoke are closed (default: %(default)s)",
+    )
     guesses = p.add_argument_group(
         "failed CONNECTs",
         "Wrong tokens and unknown IDs are limited by token buckets, per source address and per "
@@ -264,6 +273,7 @@ def _limits(args: argparse.Namespace) -> Limits:
         max_per_address=args.max_per_address,
         parked_timeout=args.parked_timeout,
         pair_idle_timeout=args.pair_idle_timeout,
+        registry_poll=args.registry_poll,
         guesses=GuessLimits(
             per_address_burst=args.failures_per_address,
             per_address_interval=args.failure_interval_per_address,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import base64
+import contextlib
 import secrets
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -53,6 +56,12 @@ class Entry:
     # https://NAME.DOMAIN/ with no credentials (see docs/protocol.md, named hidden servers).
     name: str = ""
 
+    def same_secret(self, other: Entry) -> bool:
+        """Whether a token made for ``other`` is checked the same way against this entry: a
+        connection parked with one still holds for the other (a new label or visitor password
+        does not unpark anybody; a rotation does)."""
+        return (self.base32, self.step, self.digits) == (other.base32, other.step, other.digits)
+
     def rotated(self) -> Entry:
         """The same entry with a new secret."""
         return replace(self, base32=new_secret(), updated=time.time())
@@ -92,6 +101,15 @@ class Entry:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What a registry watch learned: these IDs were added, changed or removed, or (with
+    ``everything``) any entry may have changed, because some changes could not be followed."""
+
+    ids: frozenset[str] = frozenset()
+    everything: bool = False
+
+
 class Registry(abc.ABC):
     """Where hidden servers' IDs and secrets live. Changes take effect at once for every reader.
 
@@ -99,6 +117,41 @@ class Registry(abc.ABC):
     """
 
     url: str
+
+    def __init__(self) -> None:
+        # One queue per running watch() of this object: writes made through it, at once.
+        self._listeners: set[asyncio.Queue[str]] = set()
+
+    def _changed(self, uuid: str) -> None:
+        """Tell this object's watchers that ``uuid`` changed (backends call it after a write)."""
+        for queue in self._listeners:
+            queue.put_nowait(uuid)
+
+    @contextlib.contextmanager
+    def _listening(self) -> Iterator[asyncio.Queue[str]]:
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        self._listeners.add(queue)
+        try:
+            yield queue
+        finally:
+            self._listeners.discard(queue)
+
+    async def watch(self, interval: float) -> AsyncIterator[Changes]:
+        """Changes to the entries, as this process learns of them, for as long as it iterates.
+
+        The first report, as soon as the watch follows changes, is ``everything``: what
+        happened before is unknown to it. Then writes through this object are reported at
+        once, and writes by other processes (the CLI, other relay nodes) by backends that can
+        see them, within about ``interval`` seconds (SQLite polls that often; Redis is told at
+        once). A report may name IDs that did not really change; read the entries again to
+        know. Raises RegistryError when the backend fails (iterate a new watch to resume).
+        This base form sees this object's own writes only, which is all there is for a
+        registry held in one process.
+        """
+        with self._listening() as queue:
+            yield Changes(everything=True)
+            while True:
+                yield Changes(frozenset(await _drain(queue, None)))
 
     @abc.abstractmethod
     async def get(self, uuid: str) -> Entry | None:
@@ -132,3 +185,16 @@ class Registry(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional for backends without resources
         """Release connections and files."""
+
+
+async def _drain(queue: asyncio.Queue[str], timeout: float | None) -> set[str]:
+    """Everything in ``queue`` once something is there (waiting at most ``timeout`` seconds;
+    then possibly nothing)."""
+    found: set[str] = set()
+    try:
+        found.add(await asyncio.wait_for(queue.get(), timeout))
+    except TimeoutError:
+        return found
+    while not queue.empty():
+        found.add(queue.get_nowait())
+    return found

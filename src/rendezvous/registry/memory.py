@@ -10,6 +10,7 @@ class MemoryRegistry(Registry):
     """Entries in a dict; gone when the process ends."""
 
     def __init__(self, url: str = "memory://") -> None:
+        super().__init__()
         self.url = url
         self._entries: dict[str, Entry] = {}
         self._names: dict[str, str] = {}  # name -> ID
@@ -39,12 +40,14 @@ class MemoryRegistry(Registry):
             raise DuplicateEntry(entry.uuid)
         self._check_name(entry)
         self._store(entry)
+        self._changed(entry.uuid)
 
     async def replace(self, entry: Entry) -> None:
         if entry.uuid not in self._entries:
             raise UnknownEntry(entry.uuid)
         self._check_name(entry)
         self._store(entry)
+        self._changed(entry.uuid)
 
     async def remove(self, uuid: str) -> None:
         old = self._entries.pop(uuid, None)
@@ -52,6 +55,7 @@ class MemoryRegistry(Registry):
             raise UnknownEntry(uuid)
         if old.name:
             self._names.pop(old.name, None)
+        self._changed(uuid)
 
     async def list(self) -> list[Entry]:
         return sorted(self._entries.values(), key=lambda e: e.created)

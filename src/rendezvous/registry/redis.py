@@ -10,12 +10,17 @@ Names (ours alone): an entry's record carries ``"name"``, and ``rendezvous:name:
 ID, so every relay node finds an entry by name with one GET. Writes that touch a name run as Lua
 scripts, so two nodes can never give one name to two entries. A mapping whose entry is gone or no
 longer has that name is stale and counts as free (the original's tools delete keys without it).
+
+Every write also publishes the ID on :func:`channel` (in the same script), so that every relay
+node learns of it at once; keyspace notifications are off by default and cannot be relied on.
+Writers that do not publish (node-rendezvous, ``redis-cli``) are caught by a periodic re-check.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,7 +36,7 @@ from rendezvous.errors import (
     RegistryError,
     UnknownEntry,
 )
-from rendezvous.registry.base import Entry, Registry
+from rendezvous.registry.base import Changes, Entry, Registry
 
 # An unreachable Redis should fail a CONNECT or a CLI command within seconds, not hang it.
 CONNECT_TIMEOUT = 3.0
@@ -44,6 +49,10 @@ RETRIES = 1
 # Keys per SCAN step and per MGET: big enough to be few round trips, small enough to keep Redis
 # responsive to other clients.
 BATCH = 500
+# A watch reports "anything may have changed" this often, for writers that do not publish, and
+# pings Redis: a subscription that got no answer to the previous ping is dead.
+RECHECK_INTERVAL = 30.0
+CHANNEL_PREFIX = "rendezvous:registry:"
 
 _T = TypeVar("_T")
 
@@ -62,7 +71,7 @@ end
 """
 
 # KEYS: the entry's key, the new name's mapping key ('' for no name).
-# ARGV: the record, 'add' or 'replace', the new name ('' for none), NAME_PREFIX.
+# ARGV: the record, 'add' or 'replace', the new name ('' for none), NAME_PREFIX, the channel.
 _LUA_SAVE = _LUA_NAME_OF + """
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 if ARGV[2] == 'add' and exists then return 'duplicate' end
@@ -79,16 +88,20 @@ if exists then
 end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] ~= '' then redis.call('SET', KEYS[2], KEYS[1]) end
+redis.call('PUBLISH', ARGV[5], KEYS[1])
 return 'ok'
 """
 
-# KEYS: the entry's key. ARGV: NAME_PREFIX. The number of keys deleted (0: no such entry).
+# KEYS: the entry's key. ARGV: NAME_PREFIX, the channel. The number of keys deleted (0: no
+# such entry).
 _LUA_REMOVE = _LUA_NAME_OF + """
 local old = name_of(KEYS[1])
 if old and redis.call('GET', ARGV[1] .. old) == KEYS[1] then
   redis.call('DEL', ARGV[1] .. old)
 end
-return redis.call('DEL', KEYS[1])
+local removed = redis.call('DEL', KEYS[1])
+if removed > 0 then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+return removed
 """
 
 
@@ -124,6 +137,23 @@ def decode_entry(key: bytes | str, value: bytes | str | None) -> Entry | None:
         return None
 
 
+def channel(db: int) -> str:
+    """The pub/sub channel on which writes to database ``db`` are announced. Pub/sub ignores
+    database numbers, so the channel carries it: registries in other databases stay apart."""
+    return f"{CHANNEL_PREFIX}{db}"
+
+
+class _Reconnects:
+    """Counts (re)connections of a pub/sub connection: redis-py re-subscribes by itself after a
+    drop, and the messages published meanwhile are lost."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def seen(self, connection: object) -> None:
+        self.count += 1
+
+
 def _batches(items: Iterable[_T], size: int) -> Iterable[list[_T]]:
     batch: list[_T] = []
     for item in items:
@@ -155,6 +185,8 @@ class RedisRegistry(Registry):
             raise ConfigError(f"bad redis registry URL {self._shown}: {exc}") from exc
         self._save = self._client.register_script(_LUA_SAVE)
         self._remove = self._client.register_script(_LUA_REMOVE)
+        super().__init__()
+        self._channel = channel(int(self._client.connection_pool.connection_kwargs.get("db", 0)))
 
     async def _call(self, op: Callable[[], Awaitable[_T]]) -> _T:
         """Run one Redis operation, turning its failures into RegistryError."""
@@ -196,7 +228,8 @@ class RedisRegistry(Registry):
         data = json.dumps(entry.to_record())
         name_key = NAME_PREFIX + entry.name if entry.name else ""
         outcome: bytes = await self._call(lambda: self._save(
-            keys=[entry.uuid, name_key], args=[data, mode, entry.name, NAME_PREFIX]))
+            keys=[entry.uuid, name_key],
+            args=[data, mode, entry.name, NAME_PREFIX, self._channel]))
         if outcome == b"duplicate":
             raise DuplicateEntry(entry.uuid)
         if outcome == b"unknown":
@@ -211,7 +244,8 @@ class RedisRegistry(Registry):
         await self._write(entry, "replace")
 
     async def remove(self, uuid: str) -> None:
-        removed: int = await self._call(lambda: self._remove(keys=[uuid], args=[NAME_PREFIX]))
+        removed: int = await self._call(
+            lambda: self._remove(keys=[uuid], args=[NAME_PREFIX, self._channel]))
         if removed == 0:
             raise UnknownEntry(uuid)
 
@@ -237,6 +271,47 @@ class RedisRegistry(Registry):
 
     async def ping(self) -> None:
         await self._call(self._client.ping)
+
+    async def watch(self, interval: float) -> AsyncIterator[Changes]:
+        loop = asyncio.get_running_loop()
+        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        reconnects = _Reconnects()
+        try:
+            await self._call(lambda: pubsub.subscribe(self._channel))
+            assert pubsub.connection is not None
+            pubsub.connection.register_connect_callback(reconnects.seen)
+            connects = reconnects.count
+            recheck = loop.time() + RECHECK_INTERVAL
+            unanswered = False  # a ping is out and no pong came back yet
+            yield Changes(everything=True)
+            while True:
+                ids: set[str] = set()
+                everything = False
+                message = await self._call(lambda: pubsub.get_message(timeout=interval))
+                while message is not None:
+                    if message.get("type") == "message":
+                        data = message.get("data")
+                        if isinstance(data, bytes):
+                            ids.add(data.decode("utf-8", "replace"))
+                    elif message.get("type") == "pong":
+                        unanswered = False
+                    message = await self._call(lambda: pubsub.get_message(timeout=0))
+                if reconnects.count != connects:  # dropped and re-subscribed: we missed some
+                    connects = reconnects.count
+                    everything = True
+                if loop.time() >= recheck:
+                    if unanswered:
+                        raise RegistryError(f"registry {self._shown}: no answer on the change"
+                                            f" channel for {RECHECK_INTERVAL:.0f} s")
+                    await self._call(pubsub.ping)
+                    unanswered = True
+                    recheck = loop.time() + RECHECK_INTERVAL
+                    everything = True
+                if ids or everything:
+                    yield Changes(frozenset(ids), everything)
+        finally:
+            aclose = getattr(pubsub, "aclose", None)
+            await (aclose() if aclose is not None else pubsub.close())
 
     async def close(self) -> None:
         # aclose() arrived in redis-py 5.0.1; close() is its deprecated older name.

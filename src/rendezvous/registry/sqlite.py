@@ -4,6 +4,11 @@ The server and the CLI may have the same file open at once, in different process
 mode lets the server's readers go on while the CLI writes, and nothing is cached here, so a change
 the CLI commits is seen by the very next ``get()``.
 
+Triggers on the table append the ID of every inserted, updated or deleted row to a ``changes``
+log, whichever program writes (ours of any version, or the ``sqlite3`` shell). ``watch()`` polls
+``PRAGMA data_version``, which moves only when another connection has committed, and reads the
+log past the last change it saw: a few microseconds per poll when nothing happened.
+
 Every call runs synchronously on the caller's thread (the event loop, in the server):
 
 - ``get()`` is a single-row primary-key SELECT, a few microseconds. In WAL mode a reader never
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,7 @@ from rendezvous.errors import (
     UnknownEntry,
 )
 from rendezvous.protocol.digest import VisitorSecret
-from rendezvous.registry.base import Entry, Registry
+from rendezvous.registry.base import Changes, Entry, Registry, _drain
 
 # How long a statement waits for another connection's lock before failing. Only writers contend
 # (the CLI against a rotation from the admin page), and each holds the lock for milliseconds.
@@ -56,6 +62,29 @@ _MIGRATIONS = {
 }
 # Names are unique among the entries that have one; the index also serves by_name().
 _NAME_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS entries_name ON entries (name) WHERE name <> ''"
+# Changes the log keeps (each write prunes older ones). A watcher that falls further behind
+# than this, which takes that many writes between two polls, re-checks everything.
+CHANGES_KEPT = 1000
+
+_CHANGES = f"""
+CREATE TABLE IF NOT EXISTS changes (
+    seq  INTEGER PRIMARY KEY AUTOINCREMENT,
+    uuid TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS entries_inserted AFTER INSERT ON entries BEGIN
+    INSERT INTO changes (uuid) VALUES (new.uuid);
+    DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - {CHANGES_KEPT};
+END;
+CREATE TRIGGER IF NOT EXISTS entries_updated AFTER UPDATE ON entries BEGIN
+    INSERT INTO changes (uuid) VALUES (old.uuid);
+    INSERT INTO changes (uuid) SELECT new.uuid WHERE new.uuid IS NOT old.uuid;
+    DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - {CHANGES_KEPT};
+END;
+CREATE TRIGGER IF NOT EXISTS entries_deleted AFTER DELETE ON entries BEGIN
+    INSERT INTO changes (uuid) VALUES (old.uuid);
+    DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - {CHANGES_KEPT};
+END;
+"""
 
 _COLUMNS = "uuid, base32, step, digits, label, created, updated, visitor, name"
 
@@ -115,6 +144,7 @@ class SQLiteRegistry(Registry):
     """Entries in a table of a SQLite file; the file and its folder are created on first use."""
 
     def __init__(self, url: str) -> None:
+        super().__init__()
         self.url = url
         self.path = path_from_url(url)
         self._conn: sqlite3.Connection | None = None
@@ -150,6 +180,7 @@ class SQLiteRegistry(Registry):
                 if column not in present:
                     conn.execute(statement)
             conn.execute(_NAME_INDEX)
+            conn.executescript(_CHANGES)
         except sqlite3.Error as exc:
             conn.close()
             raise self._error("open", exc) from exc
@@ -205,6 +236,7 @@ class SQLiteRegistry(Registry):
             raise _integrity(entry, exc) from exc
         except sqlite3.Error as exc:
             raise self._error("write", exc) from exc
+        self._changed(entry.uuid)
 
     async def replace(self, entry: Entry) -> None:
         try:
@@ -230,10 +262,12 @@ class SQLiteRegistry(Registry):
             raise
         if changed == 0:
             raise UnknownEntry(entry.uuid)
+        self._changed(entry.uuid)
 
     async def remove(self, uuid: str) -> None:
         if self._change("write", "DELETE FROM entries WHERE uuid = ?", (uuid,)) == 0:
             raise UnknownEntry(uuid)
+        self._changed(uuid)
 
     async def list(self) -> list[Entry]:
         # rowid breaks ties between equal timestamps in insertion order, as the memory backend does.
@@ -242,6 +276,27 @@ class SQLiteRegistry(Registry):
 
     async def ping(self) -> None:
         self._query("read", "SELECT 1 FROM entries LIMIT 1")
+
+    async def watch(self, interval: float) -> AsyncIterator[Changes]:
+        with self._listening() as queue:
+            version = self._query("poll", "PRAGMA data_version")[0][0]
+            last = self._query("poll", "SELECT coalesce(max(seq), 0) FROM changes")[0][0]
+            yield Changes(everything=True)
+            while True:
+                ids = await _drain(queue, interval)
+                everything = False
+                now = self._query("poll", "PRAGMA data_version")[0][0]
+                if now != version:  # another connection committed: read the log past ``last``
+                    version = now
+                    rows = self._query("poll", "SELECT seq, uuid FROM changes WHERE seq > ?"
+                                       " ORDER BY seq", (last,))
+                    if rows:
+                        # The log starts after ``last + 1``: changes in between were pruned.
+                        everything = rows[0][0] > last + 1
+                        last = rows[-1][0]
+                        ids.update(str(row[1]) for row in rows)
+                if ids or everything:
+                    yield Changes(frozenset(ids), everything)
 
     async def close(self) -> None:
         if self._conn is not None:

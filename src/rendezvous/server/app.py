@@ -17,6 +17,7 @@ from rendezvous.config import ClusterConfig, ServerConfig
 from rendezvous.registry import Registry, open_registry
 from rendezvous.server.connection import INTERNAL, Connection
 from rendezvous.server.hub import Hub
+from rendezvous.server.revocation import RevocationWatch
 from rendezvous.tls import server_ssl_context
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class RendezvousServer:
         self._owns_registry = registry is None
         self.hub: Hub[Connection] | None = None
         self.cluster: ClusterMember | None = None  # this node's membership, with --cluster
+        self._revocation: RevocationWatch | None = None
         self._server: asyncio.Server | None = None
         self.admin: AdminSite | None = None  # the admin page, when config.admin asks for it
         self.local: LocalRecords | None = None  # relay.json and the status socket (data_dir)
@@ -74,17 +76,24 @@ class RendezvousServer:
         hub: Hub[Connection] = Hub(self.registry, config.limits, loop, nonce_key=nonce_key)
         self.hub = hub
         hub.domain = config.domain
+        # Before the listener: no connection parks unwatched.
+        self._revocation = RevocationWatch(hub, config.limits.registry_poll)
+        self._revocation.start()
         # Accepted as plain TCP; each connection starts its own TLS handshake (with its own
         # deadline) once counted, so sockets in their handshake cannot escape the caps.
         context = self.ssl_context
         factory: Callable[[], Connection] = lambda: Connection(hub, upgrade=context)  # noqa: E731
-        self._server = await loop.create_server(
-            factory,
-            host=config.host or None,
-            port=config.port,
-            backlog=LISTEN_BACKLOG,
-            reuse_address=True,
-        )
+        try:
+            self._server = await loop.create_server(
+                factory,
+                host=config.host or None,
+                port=config.port,
+                backlog=LISTEN_BACKLOG,
+                reuse_address=True,
+            )
+        except BaseException:
+            await self._revocation.close()
+            raise
         hub.start_sweeping()
         if config.cluster is not None:
             await self._join_cluster(hub, config.cluster)
@@ -144,6 +153,9 @@ class RendezvousServer:
             await local.close()
         if self._server is not None:
             self._server.close()
+        if self._revocation is not None:
+            revocation, self._revocation = self._revocation, None
+            await revocation.close()
         hub = self.hub
         if self.cluster is not None:
             member, self.cluster = self.cluster, None

@@ -524,7 +524,10 @@ class Connection(asyncio.Protocol):
         """Check the CONNECT token, then park or refuse."""
         hub = self.hub
         try:
+            seen = hub.registry_changes
             entry = await hub.registry.get(park.uuid)
+            if hub.registry_changes != seen:  # a change came meanwhile: this may predate it
+                entry = await hub.registry.get(park.uuid)
         except Exception as exc:  # any backend failure must cost this peer only
             if not isinstance(exc, RegistryError):
                 logs.log.exception("registry lookup failed")
@@ -582,6 +585,15 @@ class Connection(asyncio.Protocol):
             logs.event("evicted", id=self.uuid, peer=self._peer_text(), reason=reason)
             self.hub.unpark(self)
             self._close()
+
+    def end_pair(self, reason: str) -> None:
+        """Close the pairing this leg relays in: both legs flush what is queued and close."""
+        peer = self.peer
+        if self.state != RELAYING or peer is None:
+            return
+        logs.event("pair ended", id=self.uuid, peer=self._peer_text(), reason=reason)
+        self._close_leg()
+        peer._close_leg()
 
     # Mobile side ---------------------------------------------------------------------------
 

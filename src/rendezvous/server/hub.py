@@ -206,6 +206,9 @@ class Hub(Generic[L]):
         # (ID, code) -> (the address that first parked with it, loop time its claim ends)
         self._codes: dict[tuple[str, str], tuple[str, float]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        # Registry changes noticed so far (server/revocation.py): a token check whose lookup
+        # spans one looks again, so nothing parks with an entry older than one already seen.
+        self.registry_changes = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -410,6 +413,11 @@ class Hub(Generic[L]):
         per_id.active -= 1
         per_id.bytes_up += mobile.received
         per_id.bytes_down += other.received
+
+    def relaying(self, uuid: str | None = None) -> list[tuple[L, L]]:
+        """The pairings relaying now, of one ID or of all: (mobile leg, the leg it relays to)."""
+        return [(mobile, other) for mobile, other in self._pairs.items()
+                if uuid is None or mobile.uuid == uuid]
 
     @property
     def active_pairs(self) -> int:

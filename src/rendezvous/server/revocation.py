@@ -1,0 +1,105 @@
+"""Registry changes reach the parked connections, whoever made them.
+
+A rotation or removal (by the CLI in another process, the admin page, another relay node) must
+cut the connections parked under the old secret at once, and a new visitor password must apply
+to the very next visitor. The registry's ``watch()`` reports which IDs changed; for each one with
+connections parked or relaying here, the entry is read again and applied by :func:`revoke`: the
+hidden legs it no longer admits are closed (a pairing in progress with them too: the holder of
+a leaked secret keeps no visitor), the rest take it on for their visitor checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from rendezvous import logs
+from rendezvous.errors import RegistryError
+from rendezvous.registry import Entry
+from rendezvous.registry.base import Changes
+from rendezvous.server.connection import Connection
+from rendezvous.server.hub import Hub
+
+# After the watch fails (Redis unreachable), wait this long before watching again. Parked
+# connections stay meanwhile: an unreachable registry must not take every hidden server down.
+RETRY_DELAY = 1.0
+# Entries read at once when re-checking: a relay holding thousands of IDs re-checks them all
+# after a Redis reconnect (and every 30 s), in round trips of this many, not one by one.
+READ_BATCH = 64
+
+
+class RevocationWatch:
+    """Follows the registry of ``hub`` and applies each change to its parked connections."""
+
+    def __init__(self, hub: Hub[Connection], interval: float) -> None:
+        self.hub = hub
+        self.interval = interval  # seconds between polls, for backends that poll
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start following, on the hub's loop."""
+        self._task = self.hub.loop.create_task(self._run())
+
+    async def close(self) -> None:
+        """Stop following."""
+        if self._task is not None:
+            task, self._task = self._task, None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        failing = False
+        while True:
+            try:
+                async for changes in self.hub.registry.watch(self.interval):
+                    await self.apply(changes)
+                    if failing:
+                        failing = False
+                        logs.event("registry watch resumed")
+            except RegistryError as exc:
+                if not failing:  # once per outage, not once per retry
+                    logs.event("registry watch failed, parked connections kept",
+                               level=logging.WARNING, error=str(exc))
+                failing = True
+            except Exception:  # a bug here must not end revocation for good
+                logs.log.exception("registry watch failed")
+                failing = True
+            await asyncio.sleep(RETRY_DELAY)
+
+    async def apply(self, changes: Changes) -> None:
+        """Read again each changed ID with connections parked or relaying here, and revoke."""
+        hub = self.hub
+        hub.registry_changes += 1  # before reading: token checks under way will look again
+        held = {*hub.parked_ids(), *(mobile.uuid for mobile, _ in hub.relaying())}
+        ids = list(held) if changes.everything else [u for u in changes.ids if u in held]
+        for start in range(0, len(ids), READ_BATCH):
+            batch = ids[start:start + READ_BATCH]
+            entries = await asyncio.gather(*(hub.registry.get(uuid) for uuid in batch))
+            for uuid, entry in zip(batch, entries, strict=True):
+                revoke(hub, uuid, entry)
+
+
+def revoke(hub: Hub[Connection], uuid: str, entry: Entry | None) -> int:
+    """Apply the registry's current ``entry`` for ``uuid`` (None: removed) to its hidden legs
+    in ``hub``, parked or relaying: those that parked with another secret are closed (with
+    their pairing); the others take the entry on, so the visitor check of their next pairing
+    uses it. Returns how many were closed."""
+    hidden_legs = hub.parked(uuid)
+    # A pairing forwarded to another node relays to a link with no entry: that node revokes.
+    hidden_legs += [other for _, other in hub.relaying(uuid) if other.entry is not None]
+    closed = 0
+    for hidden in hidden_legs:
+        if entry is None or hidden.entry is None or not entry.same_secret(hidden.entry):
+            if hidden.peer is None:
+                hidden.evict("revoked")
+            else:
+                hidden.end_pair("revoked")
+            closed += 1
+        else:
+            hidden.entry = entry
+    if closed:
+        logs.event("revoked", id=uuid, closed=closed,
+                   reason="removed" if entry is None else "new secret")
+    return closed
