@@ -5,7 +5,6 @@ tests/admin/test_admin_revocation.py; cluster nodes: tests/cluster/test_cluster_
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from harness import HiddenHTTPService, ServerThread, recv_exactly, recv_until, running_server
+from harness import HiddenHTTPService, ServerThread, recv_exactly, running_server
 from revocation_support import (
     POLL,
     REVOKED_WITHIN,
@@ -169,33 +168,6 @@ def test_a_dropped_subscription_misses_no_revocation(tmp_path: Path,
               str(tmp_path / "p"))
         assert closed_by_relay(parked, max(0.0, start + REVOKED_WITHIN - time.monotonic()))
         parked.close()
-
-
-def basic_get(uuid: str, password: str, path: str = "/") -> bytes:
-    credentials = base64.b64encode(f"{uuid}:{password}".encode()).decode()
-    return (f"GET {path} HTTP/1.1\r\nHost: relay\r\nAuthorization: Basic {credentials}\r\n"
-            "\r\n").encode()
-
-
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-def test_a_pairing_in_progress_with_an_old_secret_is_ended(
-        server: ServerThread, registry_url: str, tmp_path: Path) -> None:
-    """The holder of a leaked file keeps no visitor: its pairings relaying now end too."""
-    old = server.add_entry()
-    hidden = server.park(old)
-    with server.connect() as mobile:
-        mobile.sendall(basic_get(old.uuid, "x", "/first"))
-        assert recv_until(hidden, b"\r\n\r\n").startswith(b"GET /first ")
-        hidden.sendall(OK)
-        assert recv_until(mobile, b"ok").startswith(b"HTTP/1.1 200")
-        start = time.monotonic()
-        users(registry_url, tmp_path, "rotate", old.uuid, "--no-ca", "--out",
-              str(tmp_path / "p"))
-        assert closed_by_relay(hidden, max(0.0, start + REVOKED_WITHIN - time.monotonic()))
-        assert closed_by_relay(mobile, 1.0)
-    hidden.close()
 
 
 def test_a_recheck_of_everything_covers_writers_that_do_not_announce(

@@ -586,15 +586,6 @@ class Connection(asyncio.Protocol):
             self.hub.unpark(self)
             self._close()
 
-    def end_pair(self, reason: str) -> None:
-        """Close the pairing this leg relays in: both legs flush what is queued and close."""
-        peer = self.peer
-        if self.state != RELAYING or peer is None:
-            return
-        logs.event("pair ended", id=self.uuid, peer=self._peer_text(), reason=reason)
-        self._close_leg()
-        peer._close_leg()
-
     # Mobile side ---------------------------------------------------------------------------
 
     def _request_pairing(self) -> None:

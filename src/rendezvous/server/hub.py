@@ -414,11 +414,6 @@ class Hub(Generic[L]):
         per_id.bytes_up += mobile.received
         per_id.bytes_down += other.received
 
-    def relaying(self, uuid: str | None = None) -> list[tuple[L, L]]:
-        """The pairings relaying now, of one ID or of all: (mobile leg, the leg it relays to)."""
-        return [(mobile, other) for mobile, other in self._pairs.items()
-                if uuid is None or mobile.uuid == uuid]
-
     @property
     def active_pairs(self) -> int:
         """Pairings relaying now (forwarded ones included)."""

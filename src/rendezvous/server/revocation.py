@@ -3,9 +3,10 @@
 A rotation or removal (by the CLI in another process, the admin page, another relay node) must
 cut the connections parked under the old secret at once, and a new visitor password must apply
 to the very next visitor. The registry's ``watch()`` reports which IDs changed; for each one with
-connections parked or relaying here, the entry is read again and applied by :func:`revoke`: the
-hidden legs it no longer admits are closed (a pairing in progress with them too: the holder of
-a leaked secret keeps no visitor), the rest take it on for their visitor checks.
+connections parked here, the entry is read again and applied by :func:`revoke`: the parked
+connections it no longer admits are closed, the rest take it on for their visitor checks.
+Pairings already relaying are left to finish (a rotation must not cut a download in flight; the
+hidden server's next park needs the new secret anyway).
 """
 
 from __future__ import annotations
@@ -69,11 +70,11 @@ class RevocationWatch:
             await asyncio.sleep(RETRY_DELAY)
 
     async def apply(self, changes: Changes) -> None:
-        """Read again each changed ID with connections parked or relaying here, and revoke."""
+        """Read again each changed ID with connections parked here, and revoke."""
         hub = self.hub
         hub.registry_changes += 1  # before reading: token checks under way will look again
-        held = {*hub.parked_ids(), *(mobile.uuid for mobile, _ in hub.relaying())}
-        ids = list(held) if changes.everything else [u for u in changes.ids if u in held]
+        parked = hub.parked_ids()
+        ids = list(parked) if changes.everything else [u for u in changes.ids if u in parked]
         for start in range(0, len(ids), READ_BATCH):
             batch = ids[start:start + READ_BATCH]
             entries = await asyncio.gather(*(hub.registry.get(uuid) for uuid in batch))
@@ -82,20 +83,13 @@ class RevocationWatch:
 
 
 def revoke(hub: Hub[Connection], uuid: str, entry: Entry | None) -> int:
-    """Apply the registry's current ``entry`` for ``uuid`` (None: removed) to its hidden legs
-    in ``hub``, parked or relaying: those that parked with another secret are closed (with
-    their pairing); the others take the entry on, so the visitor check of their next pairing
-    uses it. Returns how many were closed."""
-    hidden_legs = hub.parked(uuid)
-    # A pairing forwarded to another node relays to a link with no entry: that node revokes.
-    hidden_legs += [other for _, other in hub.relaying(uuid) if other.entry is not None]
+    """Apply the registry's current ``entry`` for ``uuid`` (None: removed) to its connections
+    parked in ``hub``: those parked with another secret are closed; the others take the entry
+    on, so their next pairing checks visitors against it. Returns how many were closed."""
     closed = 0
-    for hidden in hidden_legs:
+    for hidden in hub.parked(uuid):
         if entry is None or hidden.entry is None or not entry.same_secret(hidden.entry):
-            if hidden.peer is None:
-                hidden.evict("revoked")
-            else:
-                hidden.end_pair("revoked")
+            hidden.evict("revoked")
             closed += 1
         else:
             hidden.entry = entry
