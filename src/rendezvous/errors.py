@@ -10,6 +10,7 @@
     ├── HeadError                  a peer's request head cannot be served (``status``)
     │   ├── MalformedHead          400: not a valid HTTP/1.x request head
     │   │   └── BareLineFeed       400: lines end in LF alone, not CRLF
+    │   ├── FramingError           400: a paired request's body framing cannot be followed
     │   └── HeadTooLarge           431: over a size limit
     │       ├── HeadTooLong        431: more bytes than max_head_size
     │       └── TooManyHeaders     431: more header lines than max_headers
@@ -79,6 +80,13 @@ class MalformedHead(HeadError):
 class BareLineFeed(MalformedHead):
     """The head's lines end in a bare LF (RFC 9112 §2.2 lets a server refuse them, and we
     pass heads on as CRLF only): answered at once instead of waiting for a CRLF blank line."""
+
+
+class FramingError(HeadError):
+    """A message's framing cannot be followed (a bad chunk size, conflicting lengths): the
+    relay cannot tell where the next message starts, so the connection must end."""
+
+    status = 400
 
 
 class HeadTooLarge(HeadError):

@@ -185,3 +185,19 @@ def test_how_the_bytes_are_split_never_changes_the_outcome(
 def test_keep_alive_follows_the_connection_header(head: bytes, keep_alive: bool) -> None:
     result = HeadReader().feed(head)
     assert isinstance(result, RequestHead) and result.keep_alive is keep_alive
+
+
+def test_later_requests_on_a_pairing_are_read_by_the_same_rules() -> None:
+    from rendezvous.protocol.framing import RequestFramer
+
+    framer = RequestFramer(max_head_size=64, max_headers=2)
+    framer.feed(b"GET /1 HTTP/1.1\r\n\r\n")
+    first = framer.next_event()
+    assert isinstance(first, RequestHead) and first.target == "/1"
+    framer.feed(b"GET /2 HTTP/1.1\nHost: r\n\n")
+    with pytest.raises(BareLineFeed):
+        framer.next_event()
+    framer = RequestFramer(max_head_size=64, max_headers=2)
+    framer.feed(b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n")
+    with pytest.raises(TooManyHeaders):
+        framer.next_event()

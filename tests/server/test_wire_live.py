@@ -84,3 +84,24 @@ def test_a_bare_lf_head_gets_400_at_once(server: ServerThread, head: bytes) -> N
     assert elapsed < HEAD_TIMEOUT / 2, elapsed
     entry = server.add_entry()  # and the relay keeps serving
     server.park(entry).close()
+
+
+def test_a_bare_lf_request_later_on_a_pairing_gets_400_after_the_first_answer(
+        server: ServerThread) -> None:
+    entry = server.add_entry()
+    hidden = server.park(entry)
+    server.wait_parked(entry.uuid, 1)
+    with server.connect(timeout=HEAD_TIMEOUT + 2) as mobile:
+        name = digest.basic_authorization(entry.uuid, "x")
+        mobile.sendall(f"GET /1 HTTP/1.1\r\nHost: r\r\nAuthorization: {name}\r\n\r\n".encode())
+        assert recv_until(hidden, b"\r\n\r\n") == b"GET /1 HTTP/1.1\r\nHost: r\r\n\r\n"
+        mobile.sendall(b"GET /2 HTTP/1.1\nHost: r\n\n")
+        started = time.monotonic()
+        hidden.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        answer = recv_all(mobile)
+        elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), answer
+    assert answer[len(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"):].startswith(
+        b"HTTP/1.1 400 Bad Request\r\n"), answer
+    assert elapsed < HEAD_TIMEOUT / 2, elapsed
+    hidden.close()

@@ -62,6 +62,7 @@ from rendezvous.protocol.head import (
 from rendezvous.protocol.ids import valid_id
 from rendezvous.protocol.responses import MAX_ERROR_BODY as MAX_ERROR_BODY  # for the CLI
 from rendezvous.protocol.responses import (
+    MAX_RESPONSE_HEAD,
     ResponseHead,
     may_be_relay_error,
     parse_response_head,
@@ -86,8 +87,6 @@ CHALLENGE_TIMEOUT = 10.0
 # The local client's first head, as the relay would bound it.
 MAX_HEAD_SIZE = DEFAULT_MAX_HEAD_SIZE
 MAX_HEADERS = DEFAULT_MAX_HEADERS
-# The first response is inspected for a relay error only this far; a longer head passes as is.
-MAX_RESPONSE_HEAD = 64 * 1024
 # A local client that sent EOF and hears nothing from the hidden server for this long is taken
 # to be gone. Its EOF cannot be passed on (asyncio cannot half-close the TLS leg, and closing it
 # would lose the answer to a client that only half-closed), and from here a full close looks the

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from rendezvous.protocol.head import NEED_MORE, HeadError, HeadReader, RequestHead
+from rendezvous.errors import FramingError as FramingError  # raised here, caught by the relay
+from rendezvous.protocol.head import NEED_MORE, HeadReader, RequestHead
+from rendezvous.protocol.responses import MAX_RESPONSE_HEAD
 
 # Stands for "every byte from here on": a stream that is raw (after a 101, or a body that ends
 # at the close) never reaches it.
@@ -25,8 +27,6 @@ RAW = 1 << 62
 
 # A chunk-size line (hex size plus extensions) longer than this is not a client's: refuse it.
 MAX_CHUNK_LINE = 4096
-# A hidden server's response head may carry more (cookies) than a client's request head.
-MAX_RESPONSE_HEAD = 64 * 1024
 
 # Body kinds.
 _LENGTH = 0  # ``left`` bytes, then done
@@ -35,13 +35,6 @@ _CHUNK_DATA = 2  # ``left`` bytes of chunk data, then its CRLF
 _CHUNK_CRLF = 3  # the CRLF after chunk data (``left`` of its 2 bytes still to come)
 _TRAILER = 4  # trailer lines until an empty one
 _UNTIL_CLOSE = 5  # every byte until the stream ends (raw)
-
-
-class FramingError(HeadError):
-    """A message's framing cannot be followed (a bad chunk size, conflicting lengths): the
-    relay cannot tell where the next message starts, so the connection must end."""
-
-    status = 400
 
 
 class BodyReader:

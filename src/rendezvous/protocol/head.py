@@ -173,6 +173,33 @@ def parse_head(data: bytes, max_headers: int) -> RequestHead:
     )
 
 
+def _take_head(buffer: bytearray, scanned: int, max_head_size: int,
+               max_headers: int) -> tuple[RequestHead | None, int]:
+    """The head at the start of ``buffer``, removed from it, and its size in bytes; or None and
+    how much of the buffer is now searched (pass it back as ``scanned`` with more bytes).
+
+    :class:`HeadReader`'s step (which the relay's RequestFramer reads later requests on a
+    pairing with, too): raises HeadTooLong, TooManyHeaders, BareLineFeed or MalformedHead.
+    """
+    too_long: HeadTooLong | None = None
+    try:
+        end = find_head_end(buffer, max_head_size, scanned)
+    except HeadTooLong as exc:
+        end, too_long = -1, exc
+    # A bare-LF blank line counts only inside the head (a body may hold "\n\n") and within the
+    # size limit, so the answer does not depend on how the bytes were split into reads.
+    bound = end if end >= 0 else min(len(buffer), max_head_size)
+    if buffer.find(_BARE_LF_END, max(0, scanned - 1), bound) >= 0:
+        raise BareLineFeed("request head lines must end in CRLF, not a bare LF")
+    if too_long is not None:
+        raise too_long
+    if end < 0:
+        return None, len(buffer)
+    head = parse_head(bytes(buffer[:end]), max_headers)
+    del buffer[:end]
+    return head, end
+
+
 class NeedMore(enum.Enum):
     """The type of :data:`NEED_MORE` (an enum, so ``is NEED_MORE`` narrows for type checkers)."""
 
@@ -234,26 +261,12 @@ class HeadReader:
             del buffer[:dropped]
         if self._skip or not buffer:
             return NEED_MORE
-        scanned = self._scanned
-        too_long: HeadTooLong | None = None
-        try:
-            end = find_head_end(buffer, self.max_head_size, scanned)
-        except HeadTooLong as exc:
-            end, too_long = -1, exc
-        # A bare-LF blank line counts only inside the head (a body may hold "\n\n") and within
-        # the size limit, so the answer does not depend on how the bytes were split into reads.
-        bound = end if end >= 0 else min(len(buffer), self.max_head_size)
-        if buffer.find(_BARE_LF_END, max(0, scanned - 1), bound) >= 0:
-            raise BareLineFeed("request head lines must end in CRLF, not a bare LF")
-        if too_long is not None:
-            raise too_long
-        if end < 0:
-            self._scanned = len(buffer)
+        head, count = _take_head(buffer, self._scanned, self.max_head_size, self.max_headers)
+        if head is None:
+            self._scanned = count
             return NEED_MORE
-        head = parse_head(bytes(buffer[:end]), self.max_headers)
-        del buffer[:end]
         self._scanned = 0
-        self.head_size = end
+        self.head_size = count
         return head
 
     def skip(self, count: int) -> None:

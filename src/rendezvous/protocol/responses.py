@@ -14,6 +14,7 @@ from rendezvous.protocol.digest import OPAQUE, REALM
 
 __all__ = [
     "MAX_ERROR_BODY",
+    "MAX_RESPONSE_HEAD",
     "MAX_RETRY_AFTER",
     "OPAQUE",
     "PARKED",
@@ -32,6 +33,9 @@ __all__ = [
 
 # The relay's error bodies are under 200 bytes; a longer body is never one of them.
 MAX_ERROR_BODY = 4096
+# A hidden server's response head may carry more (cookies) than a client's request head; one
+# longer than this is not followed (relay) or inspected for a relay error (tunnel).
+MAX_RESPONSE_HEAD = 64 * 1024
 # A Retry-After beyond this is a broken relay, not advice to wait for days.
 MAX_RETRY_AFTER = 3600.0
 
