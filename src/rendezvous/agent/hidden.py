@@ -45,8 +45,8 @@ from rendezvous.agent.streams import (
     READ_CHUNK,
     close_writer,
     enable_keepalive,
-    pump,
     read_at_most,
+    splice,
 )
 from rendezvous.config import (
     DEFAULT_AGENT_POOL,
@@ -669,35 +669,13 @@ def forward_to(host: str, port: int) -> Handler:
                 await writer.drain()
             return
         try:
-            await _splice(reader, writer, local_reader, local_writer)
+            await splice(reader, writer, local_reader, local_writer)
         except BaseException:  # cancelled (a stop's grace ran out), or a bug
             local_writer.transport.abort()
             raise
         await close_writer(local_writer)
 
     return forward
-
-
-async def _splice(
-    relay_reader: asyncio.StreamReader, relay_writer: asyncio.StreamWriter,
-    local_reader: asyncio.StreamReader, local_writer: asyncio.StreamWriter,
-) -> None:
-    """Copy both ways until the local side is done (or either side fails)."""
-    up = asyncio.create_task(pump(relay_reader, local_writer))
-    down = asyncio.create_task(pump(local_reader, relay_writer))
-    try:
-        await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
-        if not down.done() and up.result():
-            # The mobile side ended its stream: pass the EOF on, let the answer finish.
-            with contextlib.suppress(OSError, RuntimeError):
-                if local_writer.can_write_eof():
-                    local_writer.write_eof()
-            await down
-        # Otherwise the local service ended its stream, or a side failed: the caller closes.
-    finally:
-        for task in (up, down):
-            task.cancel()
-        await asyncio.gather(up, down, return_exceptions=True)
 
 
 # Running under a signal handler ----------------------------------------------------------------

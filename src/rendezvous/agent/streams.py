@@ -1,9 +1,10 @@
 """The asyncio stream plumbing both agents share: copy bytes, read a short answer, close.
 
-The hidden agent (its :func:`~rendezvous.agent.hidden.forward_to` splice) and the mobile tunnel
-move bytes with :func:`pump`, read the relay's answers with :func:`read_head` and
-:func:`read_at_most`, and close every connection with :func:`close_writer`, which never waits
-longer than ``CLOSE_TIMEOUT``. What the bytes mean is :mod:`rendezvous.protocol`'s business.
+The hidden agent (its :func:`~rendezvous.agent.hidden.forward_to` handler, through
+:func:`splice`) and the mobile tunnel move bytes with :func:`pump`, read the relay's answers
+with :func:`read_head` and :func:`read_at_most`, and close every connection with
+:func:`close_writer`, which never waits longer than ``CLOSE_TIMEOUT``. What the bytes mean is
+:mod:`rendezvous.protocol`'s business.
 """
 
 from __future__ import annotations
@@ -49,11 +50,35 @@ async def pump(
     return True
 
 
-async def close_writer(writer: asyncio.StreamWriter) -> None:
-    """Close after flushing; cut the connection if that takes longer than CLOSE_TIMEOUT."""
+async def splice(
+    relay_reader: asyncio.StreamReader, relay_writer: asyncio.StreamWriter,
+    local_reader: asyncio.StreamReader, local_writer: asyncio.StreamWriter,
+) -> None:
+    """Copy a pairing (relay side) and a local service's connection both ways until the local
+    side is done (or either side fails). When the mobile side ends its stream the local
+    connection is half-closed and its answer still flows back; the caller closes both."""
+    up = asyncio.create_task(pump(relay_reader, local_writer))
+    down = asyncio.create_task(pump(local_reader, relay_writer))
+    try:
+        await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
+        if not down.done() and up.result():
+            # The mobile side ended its stream: pass the EOF on, let the answer finish.
+            with contextlib.suppress(OSError, RuntimeError):
+                if local_writer.can_write_eof():
+                    local_writer.write_eof()
+            await down
+        # Otherwise the local service ended its stream, or a side failed: the caller closes.
+    finally:
+        for task in (up, down):
+            task.cancel()
+        await asyncio.gather(up, down, return_exceptions=True)
+
+
+async def close_writer(writer: asyncio.StreamWriter, timeout: float = CLOSE_TIMEOUT) -> None:
+    """Close after flushing; cut the connection if that takes longer than ``timeout``."""
     writer.close()
     try:
-        async with asyncio.timeout(CLOSE_TIMEOUT):
+        async with asyncio.timeout(timeout):
             await writer.wait_closed()
     except TimeoutError:
         writer.transport.abort()
