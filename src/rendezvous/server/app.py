@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from rendezvous import logs, runtime
 from rendezvous.config import ClusterConfig, ServerConfig
 from rendezvous.registry import Registry, open_registry
-from rendezvous.server.connection import INTERNAL, Connection
+from rendezvous.server.connection import INTERNAL, Connection, LegBase
 from rendezvous.server.hub import Hub
 from rendezvous.server.revocation import RevocationWatch
 from rendezvous.tls import server_ssl_context
@@ -41,7 +41,7 @@ class RendezvousServer:
         self.config = config
         self.registry = registry if registry is not None else open_registry(config.registry_url)
         self._owns_registry = registry is None
-        self.hub: Hub[Connection] | None = None
+        self.hub: Hub[LegBase] | None = None
         self.cluster: ClusterMember | None = None  # this node's membership, with --cluster
         self._revocation: RevocationWatch | None = None
         self._server: asyncio.Server | None = None
@@ -73,7 +73,7 @@ class RendezvousServer:
         config = self.config
         nonce_key = (hashlib.sha256(b"rendezvous nonces\0" + config.cluster.cluster_key.encode())
                      .digest() if config.cluster is not None else None)
-        hub: Hub[Connection] = Hub(self.registry, config.limits, loop, nonce_key=nonce_key)
+        hub: Hub[LegBase] = Hub(self.registry, config.limits, loop, nonce_key=nonce_key)
         self.hub = hub
         hub.domain = config.domain
         # Before the listener: no connection parks unwatched.
@@ -107,7 +107,7 @@ class RendezvousServer:
         if config.admin is not None:
             await self._start_admin()
 
-    async def _join_cluster(self, hub: Hub[Connection], cluster: ClusterConfig) -> None:
+    async def _join_cluster(self, hub: Hub[LegBase], cluster: ClusterConfig) -> None:
         """Open the internal listener and register this node in the cluster's Redis (its
         module, and redis with it, is imported only here)."""
         from rendezvous.server.cluster import ClusterMember

@@ -19,8 +19,8 @@ from rendezvous import logs
 from rendezvous.errors import RegistryError
 from rendezvous.registry import Entry
 from rendezvous.registry.base import Changes
-from rendezvous.server.connection import Connection
 from rendezvous.server.hub import Hub
+from rendezvous.server.leg import LegBase
 
 # After the watch fails (Redis unreachable), wait this long before watching again. Parked
 # connections stay meanwhile: an unreachable registry must not take every hidden server down.
@@ -33,7 +33,7 @@ READ_BATCH = 64
 class RevocationWatch:
     """Follows the registry of ``hub`` and applies each change to its parked connections."""
 
-    def __init__(self, hub: Hub[Connection], interval: float) -> None:
+    def __init__(self, hub: Hub[LegBase], interval: float) -> None:
         self.hub = hub
         self.interval = interval  # seconds between polls, for backends that poll
         self._task: asyncio.Task[None] | None = None
@@ -82,7 +82,7 @@ class RevocationWatch:
                 revoke(hub, uuid, entry)
 
 
-def revoke(hub: Hub[Connection], uuid: str, entry: Entry | None) -> int:
+def revoke(hub: Hub[LegBase], uuid: str, entry: Entry | None) -> int:
     """Apply the registry's current ``entry`` for ``uuid`` (None: removed) to its connections
     parked in ``hub``: those parked with another secret are closed; the others take the entry
     on, so their next pairing checks visitors against it. Returns how many were closed."""

@@ -1,0 +1,98 @@
+"""The hidden side of a leg: a CONNECT's token check against the registry, then parking.
+
+A code is claimed by the address that first used it (hub, and cluster-wide with --cluster), so
+a leaked code cannot take over an ID's pool from elsewhere.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from rendezvous import logs
+from rendezvous.errors import RegistryError
+from rendezvous.protocol import responses
+from rendezvous.protocol.routing import DIAG_INVALID, Park
+from rendezvous.protocol.totp import token_is_valid
+from rendezvous.server.hub import CODE_CLAIM_STEPS, CODE_TAKEN
+from rendezvous.server.leg import (
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE,
+    KEEPALIVE_INTERVAL,
+    PARKED,
+    VERIFYING,
+    LegBase,
+)
+
+
+class HiddenSide(LegBase):
+    """A leg that sent CONNECT: its token check, parking, keepalive and eviction."""
+
+    __slots__ = ()
+
+    async def _verify(self, park: Park) -> None:
+        """Check the CONNECT token, then park or refuse."""
+        hub = self.hub
+        try:
+            seen = hub.registry_changes
+            entry = await hub.registry.get(park.uuid)
+            if hub.registry_changes != seen:  # a change came meanwhile: this may predate it
+                entry = await hub.registry.get(park.uuid)
+        except Exception as exc:  # any backend failure must cost this peer only
+            if not isinstance(exc, RegistryError):
+                logs.log.exception("registry lookup failed")
+            if self.state == VERIFYING:
+                self._reject(f"registry error: {exc}",
+                             responses.bare_error(503, "registry unavailable"), status=503)
+            return
+        if self.state != VERIFYING:
+            return  # the peer left, or broke the protocol, while we looked it up
+        if entry is None or not token_is_valid(entry.base32, entry.step, park.token):
+            reason = "unknown ID" if entry is None else "wrong token"
+            hub.guesses.failed(self.address, park.uuid, hub.loop.time())
+            self._reject(reason, responses.bare_error(401, DIAG_INVALID), status=401)
+            return
+        # With a cluster, the first address to use a code holds it on every node.
+        cluster, claim = hub.cluster, CODE_CLAIM_STEPS * entry.step
+        taken = cluster is not None and not await cluster.claim_code(
+            park.uuid, park.token, self.address, claim)
+        if self.state != VERIFYING:
+            return
+        refusal = CODE_TAKEN if taken else hub.refusal(self, park.token, entry.step)
+        if refusal == CODE_TAKEN:  # a leaked code, replayed from elsewhere: as a wrong one
+            hub.guesses.failed(self.address, park.uuid, hub.loop.time())
+            self._reject(refusal, responses.bare_error(401, DIAG_INVALID), status=401)
+            return
+        if refusal is not None:  # the pool is full, and none of it is this address's to evict
+            self._reject(refusal, responses.bare_error(503, refusal), status=503)
+            return
+        hub.guesses.succeeded(self.address, park.uuid, hub.loop.time())
+        self.entry = entry
+        self._cancel_timer()
+        self.transport.write(responses.PARKED)
+        self.state = PARKED
+        self.since = hub.loop.time()
+        self._enable_keepalive()
+        waiting = hub.park(self)
+        logs.event("parked", id=self.uuid, peer=self._peer_text(),
+                   pool=hub.parked_count(self.uuid))
+        if waiting is not None:
+            waiting.pair_with(self)
+
+    def _enable_keepalive(self) -> None:
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+
+    def evict(self, reason: str) -> None:
+        """Close a parked connection the pool no longer keeps."""
+        if self.state == PARKED:
+            logs.event("evicted", id=self.uuid, peer=self._peer_text(), reason=reason)
+            self.hub.unpark(self)
+            self._close()
+
+
