@@ -5,6 +5,7 @@
 - ``mobile``: reach a hidden server through the relay — a local tunnel (``rendezvous open``)
   and preconfigured httpx clients (``rendezvous get``; :func:`client` and :func:`async_client`,
   importable from here as the README shows).
+- ``streams``: what both share on their sockets — the pump, a bounded close, TCP keepalive.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -1,4 +1,12 @@
-"""The rendezvous server: listener, per-connection protocol, parked pools and the relay."""
+"""The rendezvous server: listener, per-connection protocol, parked pools and the relay.
+
+    app.py         the listener: bind, TLS, shutdown, certificate reload; ``run()`` for the CLI
+    connection.py  one accepted connection, from its first byte to its close
+    hub.py         parked pools (LIFO), waiting visitors, counters: plain state over a Leg protocol
+    cluster.py     several nodes on one Redis (imported only with ``--cluster``)
+    ratelimit.py   budgets of failed guesses per address and per ID
+    local.py       what the relay tells commands on its machine (relay.json, the status socket)
+"""
 
 from rendezvous.server.app import RendezvousServer, run
 
