@@ -7,7 +7,8 @@
     responses.py  the bytes the relay writes, and the agents' reading of them
     digest.py     the visitor check (RFC 7616, server side) and the Digest client
     totp.py       the CONNECT token check
-    ids.py        what an ID may be
+    ids.py        what an ID (or a hidden server's name) may be
+    hostnames.py  named hidden servers: the name a visitor's host asks for, the visitor URL
 
 Nothing here imports asyncio, socket or ssl; callers feed bytes in and write bytes out.
 """
