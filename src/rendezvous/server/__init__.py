@@ -6,6 +6,7 @@
     cluster.py     several nodes on one Redis (imported only with ``--cluster``)
     ratelimit.py   budgets of failed guesses per address and per ID
     local.py       what the relay tells commands on its machine (relay.json, the status socket)
+    revocation.py  registry changes made anywhere reach the connections parked here
 """
 
 from rendezvous.server.app import RendezvousServer, run
