@@ -1,7 +1,11 @@
 """The rendezvous server: listener, per-connection protocol, parked pools and the relay.
 
     app.py         the listener: bind, TLS, shutdown, certificate reload; ``run()`` for the CLI
-    connection.py  one accepted connection, from its first byte to its close
+    connection.py  one accepted connection: its callbacks, the TLS upgrade, head dispatch
+    leg.py         what every leg is: its state and the helpers all parts use
+    hidden_side.py a CONNECT: token check, then parking
+    mobile_side.py a visitor's request meets a parked connection
+    relaying.py    paired legs: bytes both ways, following each direction's HTTP framing
     hub.py         parked pools (LIFO), waiting visitors, counters: plain state over a Leg protocol
     cluster.py     several nodes on one Redis (imported only with ``--cluster``)
     ratelimit.py   budgets of failed guesses per address and per ID
