@@ -51,7 +51,10 @@ def test_rotate_closes_the_old_parked_connections(server: ServerThread, registry
     old = server.add_entry()
     parked = [server.park(old) for _ in range(4)]
     start = time.monotonic()
-    users(registry_url, tmp_path, "rotate", old.uuid, "--no-ca", "--out", str(tmp_path / "p"))
+    said = users(registry_url, tmp_path, "rotate", old.uuid, "--no-ca", "--out",
+                 str(tmp_path / "p")).stdout
+    # The operator is told what the running relay does about it.
+    assert "a running relay closes the connections parked with the old secret" in said
     for sock in parked:
         assert closed_by_relay(sock, max(0.0, start + REVOKED_WITHIN - time.monotonic()))
         sock.close()
@@ -74,7 +77,8 @@ def test_remove_closes_every_parked_connection(server: ServerThread, registry_ur
     parked = [server.park(entry) for _ in range(4)]
     untouched = server.park(other)
     start = time.monotonic()
-    users(registry_url, tmp_path, "remove", entry.uuid)
+    said = users(registry_url, tmp_path, "remove", entry.uuid).stdout
+    assert "a running relay closes the connections parked with the old secret" in said
     for sock in parked:
         assert closed_by_relay(sock, max(0.0, start + REVOKED_WITHIN - time.monotonic()))
         sock.close()

@@ -222,11 +222,11 @@ async def visitor_qr_code(request: web.Request) -> web.Response:
     return web.Response(body=svg, content_type="image/svg+xml")
 
 
-def _svg(data: str, title: str) -> bytes | None:
-    """``data`` as a QR code in SVG (error correction M: a URL is short, and a phone's camera
-    meets smudges); None if it cannot fit."""
+def _svg(data: str, title: str, error: str = "m") -> bytes | None:
+    """``data`` as a QR code in SVG (error correction M by default: a URL is short, and a phone's
+    camera meets smudges); None if it cannot fit."""
     try:
-        code = segno.make_qr(data, error="m")
+        code = segno.make_qr(data, error=error)
     except segno.DataOverflowError:
         return None
     out = io.BytesIO()
@@ -241,15 +241,8 @@ def _qr_svg(document: dict[str, Any]) -> bytes | None:
     Run in a thread: a large code takes segno tens of milliseconds, which the relay sharing
     this event loop should not wait for.
     """
-    data = json.dumps(document, separators=(",", ":"))
-    try:
-        code = segno.make_qr(data, error="l")
-    except segno.DataOverflowError:
-        return None
-    out = io.BytesIO()
-    code.save(out, kind="svg", border=4, xmldecl=False, omitsize=True,
-              title="provisioning file", dark="#000", light="#fff")
-    return out.getvalue()
+    # Error correction L: the document is long (it carries the certificate); L fits the most.
+    return _svg(json.dumps(document, separators=(",", ":")), "provisioning file", error="l")
 
 
 @routes.get("/confirm")

@@ -266,6 +266,11 @@ def _add(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a running relay on this registry does about a rotation or removal (server/revocation.py).
+_REVOKED = ("a running relay closes the connections parked with the old secret (within "
+            "--registry-poll for SQLite, at once for Redis); pairings already relaying finish")
+
+
 def _rotate(args: argparse.Namespace) -> int:
     found = _opened(args)
     uuid: str = args.id
@@ -273,6 +278,7 @@ def _rotate(args: argparse.Namespace) -> int:
     _report("rotated the secret of", entry, out, facts, args.json)
     stream = sys.stderr if args.json else sys.stdout
     print("  the old secret no longer works: give the hidden server its new file", file=stream)
+    print(f"  {_REVOKED}", file=stream)
     return 0
 
 
@@ -373,4 +379,5 @@ def _remove(args: argparse.Namespace) -> int:
 
     registrar.with_registry(found.registry_url, op)
     print(f"removed hidden server {uuid} from {registrar.redact(found.registry_url)}")
+    print(f"  {_REVOKED}")
     return 0

@@ -117,6 +117,12 @@ def _visitor_text(entry: Entry) -> str:
     return json.dumps({"md5": entry.visitor.md5, "sha256": entry.visitor.sha256})
 
 
+def _row(entry: Entry) -> tuple[Any, ...]:
+    """``entry``'s values in the order of ``_COLUMNS``."""
+    return (entry.uuid, entry.base32, entry.step, entry.digits, entry.label, entry.created,
+            entry.updated, _visitor_text(entry), entry.name)
+
+
 def _entry(row: tuple[Any, ...]) -> Entry:
     uuid, base32, step, digits, label, created, updated, visitor, name = row
     secret = json.loads(visitor) if visitor else None
@@ -219,17 +225,7 @@ class SQLiteRegistry(Registry):
         try:
             conn.execute(
                 f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    entry.uuid,
-                    entry.base32,
-                    entry.step,
-                    entry.digits,
-                    entry.label,
-                    entry.created,
-                    entry.updated,
-                    _visitor_text(entry),
-                    entry.name,
-                ),
+                _row(entry),
             )
         except sqlite3.IntegrityError as exc:
             # The primary key and the name index are the only constraints an Entry can violate.
@@ -244,17 +240,7 @@ class SQLiteRegistry(Registry):
                 "write",
                 "UPDATE entries SET base32 = ?, step = ?, digits = ?, label = ?, created = ?,"
                 " updated = ?, visitor = ?, name = ? WHERE uuid = ?",
-                (
-                    entry.base32,
-                    entry.step,
-                    entry.digits,
-                    entry.label,
-                    entry.created,
-                    entry.updated,
-                    _visitor_text(entry),
-                    entry.name,
-                    entry.uuid,
-                ),
+                (*_row(entry)[1:], entry.uuid),
             )
         except RegistryError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
