@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
+import requests
+from support import free_port, stop_process, wait_for_port
 from test_cli import failed, ok, rendezvous
 
 
@@ -80,3 +84,24 @@ def test_serve_refuses_a_bad_domain(tmp_path: Path) -> None:
     for bad in ("under_score.example", "-x.example", "a..b"):
         failed(rendezvous("serve", "--port", "0", f"--domain={bad}", cwd=tmp_path),
                "invalid --domain")
+
+
+def test_the_standalone_admin_page_shows_the_recorded_domain(tmp_path: Path) -> None:
+    ok(rendezvous("users", "add", "--uuid", "one", "--name", "hub", cwd=tmp_path))
+    record = {"host": "relay.example.com", "port": 443, "cert": None,
+              "domain": "relay.example.com"}
+    (tmp_path / "data" / "relay.json").write_text(json.dumps(record))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rendezvous", "admin", "--listen", f"127.0.0.1:{port}",
+         "--data-dir", str(tmp_path / "data")],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, 20, proc)
+        page = requests.get(f"http://127.0.0.1:{port}/entry?id=one", timeout=10)
+        assert page.status_code == 200
+        assert 'id="visitor-url" href="https://hub.relay.example.com/"' in page.text
+        qr = requests.get(f"http://127.0.0.1:{port}/visitor-qr.svg?id=one", timeout=10)
+        assert qr.status_code == 200 and qr.text.lstrip().startswith("<svg")
+    finally:
+        stop_process(proc)

@@ -111,4 +111,8 @@ def _admin(args: argparse.Namespace) -> int:
     # Imported here so the other commands start without loading aiohttp.
     from rendezvous.admin import run
 
-    return run(replace(access, relay=public.relay), found.registry_url, args.log_format)
+    # Named entries' visitor URLs are under the domain the relay last started with.
+    record = registrar.recall_relay(found.data_dir)
+    domain = record.domain if record is not None else ""
+    return run(replace(access, relay=public.relay, domain=domain), found.registry_url,
+               args.log_format)
