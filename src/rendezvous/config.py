@@ -50,6 +50,23 @@ TRUST_SECONDS = 24 * 3600  # an address that parked for an ID skips the ID's lim
 DEFAULT_VISITOR_FAILURES_PER_CONNECTION = 3
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    """``CIDR[,CIDR...]`` (a bare address is a /32 or /128) as networks; ConfigError if bad."""
+    found = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            found.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"{part!r} is not an IP network (CIDR such as 10.0.0.0/8)") from None
+    return tuple(found)
+
+
 def default_registry_url(data_dir: Path) -> str:
     """The embedded default: a SQLite file in the data folder."""
     return f"sqlite:///{(data_dir / 'registry.sqlite3').resolve()}"
@@ -148,6 +165,12 @@ class ServerConfig:
     public: RelayAddress | None = None  # what provisioning files say; port None: the bound one
     # serve --domain: a request for NAME.DOMAIN goes to the entry named NAME; "" for none.
     domain: str = ""
+    # serve --proxy-protocol-from: peers (a load balancer) whose connections start with a
+    # PROXY header (v1 or v2) naming the real client; from anyone else such a header is refused.
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
+    # serve --forwarded: tell the hidden server who the visitor is (a Forwarded header, RFC
+    # 7239) in every request head passed on; off by default, for byte compatibility.
+    forwarded: bool = False
 
 
 # The admin page (registrar) ---------------------------------------------------------------
@@ -249,6 +272,7 @@ class HiddenAgentConfig:
     grace: float = DEFAULT_GRACE
     log_format: str = "text"
     use_uvloop: bool = True
+    proxy_protocol: int = 0  # 1 or 2: the local service gets a PROXY header per pairing
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@
     │   └── DuplicateName          another entry already has that name
     ├── ConfigError                a setting or file the user gave is unusable
     ├── ProvisioningError          a provisioning file is malformed
+    ├── ProxyHeaderError           a PROXY protocol header is malformed or too large
     ├── HeadError                  a peer's request head cannot be served (``status``)
     │   ├── MalformedHead          400: not a valid HTTP/1.x request head
     │   │   └── BareLineFeed       400: lines end in LF alone, not CRLF
@@ -59,6 +60,10 @@ class ConfigError(RendezvousError):
 
 class ProvisioningError(RendezvousError):
     """A provisioning file is missing fields or malformed."""
+
+
+class ProxyHeaderError(RendezvousError):
+    """A PROXY protocol header (haproxy's v1 or v2) is malformed, unsupported or too large."""
 
 
 class HeadError(RendezvousError):

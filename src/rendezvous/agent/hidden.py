@@ -254,6 +254,7 @@ class HiddenAgent:
         auth_retry: float = DEFAULT_AUTH_RETRY,
         status_interval: float = DEFAULT_STATUS_INTERVAL,
         grace: float = DEFAULT_GRACE,
+        proxy_protocol: int = 0,
     ) -> None:
         if pool < 1:
             raise ValueError(f"pool must be at least 1, not {pool}")
@@ -278,6 +279,11 @@ class HiddenAgent:
         self.auth_retry = auth_retry
         self.status_interval = status_interval
         self.grace = grace
+        if proxy_protocol not in (0, 1, 2):
+            raise ValueError(f"proxy_protocol must be 0, 1 or 2, not {proxy_protocol}")
+        # Ask the relay to start each pairing with a PROXY header (v1/v2) naming the visitor;
+        # forward_to passes it on to the local service like every other byte.
+        self.proxy_protocol = proxy_protocol
         try:
             self._ssl = client_ssl_context(provisioning.ca_pem)
         except (ssl.SSLError, ValueError) as exc:
@@ -497,8 +503,9 @@ class HiddenAgent:
                 await writer.start_tls(self._ssl, server_hostname=self.host,
                                        ssl_handshake_timeout=CONNECT_TIMEOUT)
                 token = current_token(prov.base32, prov.step, prov.digits)
-                writer.transport.write(
-                    f"CONNECT uuid:{prov.uuid}?response={token} HTTP/1.1\r\n\r\n".encode("latin-1"))
+                extra = f"&proxy={self.proxy_protocol}" if self.proxy_protocol else ""
+                writer.transport.write(f"CONNECT uuid:{prov.uuid}?response={token}{extra} "
+                                       "HTTP/1.1\r\n\r\n".encode("latin-1"))
                 # Exactly the answer head: whatever follows it is the pairing's.
                 head = await reader.readuntil(HEAD_END)
                 answer = parse_response_head(head)

@@ -76,6 +76,14 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
         "failure the agent tries the next",
     )
     p.add_argument(
+        "--proxy-protocol",
+        type=int,
+        choices=(1, 2),
+        metavar="1|2",
+        help="the local service speaks the PROXY protocol: ask the relay to start each pairing "
+        "with a PROXY header of this version naming the visitor (default: none)",
+    )
+    p.add_argument(
         "--pool",
         type=int_in(1, 1000),
         default=DEFAULT_AGENT_POOL,
@@ -134,6 +142,7 @@ def agent_config(args: argparse.Namespace) -> HiddenAgentConfig:
         max_park_age=args.max_park_age, backoff_cap=args.backoff_cap,
         auth_retry=args.auth_retry, status_interval=args.status_interval, grace=args.grace,
         log_format=args.log_format, use_uvloop=not args.no_uvloop,
+        proxy_protocol=args.proxy_protocol or 0,
     )
 
 
@@ -154,6 +163,7 @@ def _hidden(args: argparse.Namespace) -> int:
         auth_retry=config.auth_retry,
         status_interval=config.status_interval,
         grace=config.grace,
+        proxy_protocol=config.proxy_protocol,
     )
     logs.configure_logging(config.log_format)
     # SIGHUP reads the file again (a rotated secret): see HiddenAgent.reload.

@@ -50,11 +50,13 @@ from rendezvous.config import (
     AdminConfig,
     ClusterConfig,
     GuessLimits,
+    IPNetwork,
     Limits,
     RelayAddress,
     ServerConfig,
     Store,
     TLSConfig,
+    parse_networks,
 )
 from rendezvous.errors import ConfigError, RendezvousError
 from rendezvous.protocol.hostnames import normal_domain
@@ -100,6 +102,21 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
         help="serve named hidden servers: https://NAME.DOMAIN/ reaches the entry named NAME "
         "('users add --name'), with no credentials; needs a wildcard DNS record *.DOMAIN "
         "pointing here and a certificate for *.DOMAIN (--cert) (default: none)",
+    )
+    tls.add_argument(
+        "--proxy-protocol-from",
+        type=_networks,
+        default=(),
+        metavar="CIDR[,CIDR]",
+        help="load balancers whose connections start with a PROXY protocol header (haproxy's "
+        "send-proxy or send-proxy-v2) naming the real client, which limits and logs then use; "
+        "from any other address such a header is refused (default: none)",
+    )
+    tls.add_argument(
+        "--forwarded",
+        action="store_true",
+        help="add 'Forwarded: for=CLIENT;proto=https' (RFC 7239) to every request head passed "
+        "to a hidden server (default: off, heads pass unchanged)",
     )
     tls.add_argument(
         "--no-tls",
@@ -413,6 +430,8 @@ def _serve(args: argparse.Namespace) -> int:
         data_dir=found.data_dir,
         public=relay,
         domain=domain,
+        proxy_protocol_from=args.proxy_protocol_from,
+        forwarded=args.forwarded,
     )
     _banner(config, found, relay, args.port)
 
@@ -420,6 +439,14 @@ def _serve(args: argparse.Namespace) -> int:
     from rendezvous.server.app import run
 
     return run(config)
+
+
+def _networks(text: str) -> tuple[IPNetwork, ...]:
+    """--proxy-protocol-from's value, or argparse's error naming the bad part."""
+    try:
+        return parse_networks(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _domain(given: str | None, tls: TLSConfig | None) -> str:

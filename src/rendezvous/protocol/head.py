@@ -89,14 +89,15 @@ class RequestHead:
         expect = (self.header(b"expect") or b"").lower() == b"100-continue"
         return chunked or (expect and bool(self.content_length))
 
-    def forwarded(self, strip_authorization: bool = True) -> bytes:
+    def forwarded(self, strip_authorization: bool = True, extra: bytes = b"") -> bytes:
         """The head as the hidden server receives it: request line and every header except
-        ``Authorization``, in the order received. (Kept when handing the request to another
-        relay node, which routes by it.)"""
+        ``Authorization``, in the order received, then ``extra`` (whole header lines, each
+        ending in CRLF: the relay's own ``Forwarded``). (Authorization is kept when handing
+        the request to another relay node, which routes by it.)"""
         lines = [f"{self.method} {self.target} HTTP/{self.version}".encode("latin-1")]
         lines.extend(k + b": " + v for k, v in self.headers
                      if not (strip_authorization and k.lower() == b"authorization"))
-        return b"\r\n".join(lines) + b"\r\n\r\n"
+        return b"\r\n".join(lines) + b"\r\n" + extra + b"\r\n"
 
 
 class _Collector:

@@ -27,6 +27,9 @@ class Park:
 
     uuid: str
     token: str
+    # ``&proxy=1`` or ``&proxy=2``: start each pairing with a PROXY header (that version) naming
+    # the visitor, for a local service that speaks it; 0 for none.
+    proxy: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,8 @@ def _route_connect(target: str) -> Decision:
     token = _query_value(query, "response")
     if token is None:
         return Refuse(407, DIAG_NO_RESPONSE)
-    return Park(uuid, token)
+    proxy = _query_value(query, "proxy")
+    return Park(uuid, token, 2 if proxy == "2" else 1 if proxy == "1" else 0)
 
 
 def _query_value(query: str, name: str) -> str | None:

@@ -76,6 +76,8 @@ class RendezvousServer:
         hub: Hub[LegBase] = Hub(self.registry, config.limits, loop, nonce_key=nonce_key)
         self.hub = hub
         hub.domain = config.domain
+        hub.proxy_from = config.proxy_protocol_from
+        hub.add_forwarded = config.forwarded
         # Before the listener: no connection parks unwatched.
         self._revocation = RevocationWatch(hub, config.limits.registry_poll)
         self._revocation.start()

@@ -26,14 +26,15 @@ mixins over server/leg.py's LegBase, which holds the state they share.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
 import socket
 import ssl
 from typing import cast
 
 from rendezvous import logs
-from rendezvous.errors import RegistryError
-from rendezvous.protocol import responses
+from rendezvous.errors import ProxyHeaderError, RegistryError
+from rendezvous.protocol import proxy, responses
 from rendezvous.protocol.framing import FramingError, request_body
 from rendezvous.protocol.head import NEED_MORE, HeadError, HeadTooLarge, RequestHead
 from rendezvous.protocol.hostnames import name_in
@@ -49,11 +50,13 @@ from rendezvous.protocol.routing import (
 from rendezvous.server.hidden_side import HiddenSide
 from rendezvous.server.leg import (
     CLOSED,
+    FIRST_BYTES,
     HANDSHAKE,
     HEAD,
     INTERNAL,
     OUTBOUND,
     PARKED,
+    PROXY,
     PUBLIC,
     RELAYING,
     SETTLING,
@@ -106,14 +109,52 @@ class Connection(HiddenSide, MobileSide, Relaying):
         if hub.open_connections > hub.limits.max_connections:
             self._reject("too many connections", over, status=503)
             return
+        self._arm_head_timer()  # the head timeout counts from accept, handshake included
+        if self.kind == PUBLIC and hub.proxy_from and self.peername is not None and any(
+                ipaddress.ip_address(address) in network for network in hub.proxy_from):
+            # A balancer: the real client (whose count the caps apply to) is in its header.
+            self.state = PROXY
+            return
+        self._begin(upgrade, over)
+
+    def _begin(self, upgrade: ssl.SSLContext | None, over: bytes) -> None:
+        """Apply the per-address cap to the (real) client, then start the TLS handshake, or
+        read the request heads."""
+        hub = self.hub
         # Other relay nodes forward many clients each: no per-address cap for them.
-        if hub.from_address(address) > hub.limits.max_per_address and self.kind == PUBLIC:
+        if hub.from_address(self.address) > hub.limits.max_per_address and self.kind == PUBLIC:
             self._reject("too many connections from this address", over, status=503)
             return
-        self._arm_head_timer()  # the head timeout counts from accept, handshake included
-        if upgrade is not None:
+        if upgrade is not None and hub.proxy_from and self.state != PROXY:
+            self.state = FIRST_BYTES
+        elif upgrade is not None:
             self.state = HANDSHAKE
             hub.spawn(self._handshake(upgrade))
+        else:
+            self.state = HEAD
+            if self.reader.trailing:  # what came behind a PROXY header
+                self._process_heads()
+
+    def _read_proxy_header(self, data: bytes) -> None:
+        """Read the balancer's PROXY header; then the connection is its real client's."""
+        reader = self.reader
+        reader.receive(data)
+        upgrade = self.upgrade if not self.tls else None
+        try:
+            header = proxy.parse(reader.trailing)
+        except ProxyHeaderError as exc:
+            answer = responses.status_only(400) if upgrade is None else b""
+            self._reject(f"bad PROXY header: {exc}", answer, status=400)
+            return
+        if header is None:
+            return
+        del reader.trailing[:header.size]
+        hub = self.hub
+        if header.source is not None:  # (LOCAL, UNKNOWN: the balancer's own connection)
+            hub.closed(self, self.address)
+            self.peername = header.source
+            hub.opened(self, self.address)
+        self._begin(upgrade, b"" if upgrade is not None else responses.status_only(503))
 
     async def _handshake(self, context: ssl.SSLContext) -> None:
         """Upgrade an accepted socket to TLS within its own, shorter deadline."""
@@ -272,6 +313,10 @@ class Connection(HiddenSide, MobileSide, Relaying):
     def _data_before_relay(self, data: bytes) -> None:
         state = self.state
         if state == HEAD:
+            if self.head is None and not self.reader.trailing and proxy.starts_with_proxy(data):
+                self._reject("PROXY header from an untrusted address",
+                             responses.status_only(400), status=400)
+                return
             self.reader.receive(data)
             self._process_heads()
         elif state == HANDSHAKE:
@@ -279,6 +324,17 @@ class Connection(HiddenSide, MobileSide, Relaying):
             # right after connection_made): kept for the TLS layer, nothing more read.
             self.reader.receive(data)
             self.transport.pause_reading()
+        elif state == PROXY:
+            self._read_proxy_header(data)
+        elif state == FIRST_BYTES:
+            if proxy.starts_with_proxy(data):
+                self._reject("PROXY header from an untrusted address", status=400)
+                return
+            self.reader.receive(data)  # the ClientHello, for the TLS layer
+            self.transport.pause_reading()
+            self.state = HANDSHAKE
+            assert self.upgrade is not None
+            self.hub.spawn(self._handshake(self.upgrade))
         elif state in (WAITING, SETTLING):
             self.reader.receive(data)
             if len(self.reader.trailing) > WAITING_BUFFER_LIMIT and not self.reading_paused:

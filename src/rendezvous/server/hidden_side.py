@@ -66,6 +66,7 @@ class HiddenSide(LegBase):
             self._reject(refusal, responses.bare_error(503, refusal), status=503)
             return
         hub.guesses.succeeded(self.address, park.uuid, hub.loop.time())
+        self.send_proxy = park.proxy
         self.entry = entry
         self._cancel_timer()
         self.transport.write(responses.PARKED)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from rendezvous import logs
-from rendezvous.config import Limits
+from rendezvous.config import IPNetwork, Limits
 from rendezvous.protocol.digest import NonceBook
 from rendezvous.registry import Registry
 from rendezvous.server.ratelimit import GuessLimiter
@@ -195,6 +195,9 @@ class Hub(Generic[L]):
         self.closing = False  # shutting down: connections that arrive now are cut
         self.cluster: Cluster | None = None  # set when serving as part of a cluster
         self.domain = ""  # serve --domain: requests for NAME.DOMAIN go to the entry named NAME
+        # serve --proxy-protocol-from: sources whose connections begin with a PROXY header.
+        self.proxy_from: tuple[IPNetwork, ...] = ()
+        self.add_forwarded = False  # serve --forwarded: a Forwarded header in each head passed on
         # Called with an ID whenever its pool grows or shrinks (the cluster publishes sizes).
         self.on_pool_change: Callable[[str], None] | None = None
         self.stats = Stats()

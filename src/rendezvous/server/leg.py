@@ -16,7 +16,7 @@ import asyncio
 import ssl
 from typing import cast
 
-from rendezvous.protocol import responses
+from rendezvous.protocol import proxy, responses
 from rendezvous.protocol.framing import RequestFramer, ResponseFramer
 from rendezvous.protocol.head import HeadError, HeadReader, RequestHead
 from rendezvous.protocol.routing import Park
@@ -34,6 +34,10 @@ SETTLING = 4  # both legs: paired, waiting for the just-parked hidden leg to set
 RELAYING = 5  # both legs: copying bytes
 CLOSED = 6
 HANDSHAKE = 7  # public TLS: accepted and counted, its handshake (start_tls) not finished
+PROXY = 8  # from a trusted balancer: reading the PROXY header that names the real client
+# Public TLS with --proxy-protocol-from, from anyone else: the first bytes are looked at (a PROXY
+# header is refused, and logged as such) before the TLS layer gets them.
+FIRST_BYTES = 9
 
 # Where a connection came from.
 PUBLIC = 0  # accepted on the public listener
@@ -97,6 +101,7 @@ class LegBase(asyncio.Protocol):
         "reading_paused",
         "received",
         "responses",
+        "send_proxy",
         "since",
         "state",
         "timer",
@@ -143,6 +148,7 @@ class LegBase(asyncio.Protocol):
         self.failures = 0  # wrong visitor passwords on this connection
         self.visitor_ok = False  # the current request passed the visitor check
         self.named = ""  # mobile: the name its Host asked for (serve --domain); "" for none
+        self.send_proxy = 0  # hidden: the PROXY version its CONNECT asked for (&proxy=N); 0: none
 
     def _arm_head_timer(self) -> None:
         self._cancel_timer()
@@ -150,11 +156,29 @@ class LegBase(asyncio.Protocol):
 
     def _head_timed_out(self) -> None:
         self.timer = None
-        if self.state in (HANDSHAKE, HEAD, VERIFYING):
+        if self.state in (PROXY, FIRST_BYTES, HANDSHAKE, HEAD, VERIFYING):
             # (mid-handshake the bytes are TLS's: no HTTP answer makes sense)
             answer = (responses.status_only(408)
-                      if self.reader.trailing and self.state != HANDSHAKE else b"")
+                      if self.reader.trailing and self.state == HEAD else b"")
             self._reject("head timeout", answer, status=408)
+
+    def _proxy_header(self, version: int) -> bytes:
+        """A PROXY header naming this visitor and the relay address it reached."""
+        local = self.transport.get_extra_info("sockname")
+        source = self.peername
+        destination = (str(local[0]), int(local[1])) if local and source else None
+        if version == 1:
+            if source is None or destination is None:
+                return b"PROXY UNKNOWN\r\n"
+            return proxy.encode_v1(source, destination)
+        return proxy.encode_v2(source, destination)
+
+    def _forwarded(self) -> bytes:
+        """serve --forwarded: the header naming this visitor, for the head passed on (not on a
+        request another node forwarded to us: that node added its own, about the visitor)."""
+        if not self.hub.add_forwarded or self.kind == INTERNAL:
+            return b""
+        return proxy.forwarded_header(self.address, self.tls)
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

@@ -111,7 +111,9 @@ class MobileSide(LegBase):
         hub.stop_waiting(self)
         self._cancel_timer()
         assert self.head is not None
-        self._link(outbound, self.head.forwarded(strip_authorization=False))
+        # (Authorization kept: that node routes by it; the Forwarded header is ours to add.)
+        self._link(outbound, self.head.forwarded(strip_authorization=False,
+                                                 extra=self._forwarded()))
         hub.forwarded()
         logs.event("forwarded", id=self.uuid, mobile=self._peer_text(), node=node)
         return True
@@ -218,7 +220,8 @@ class MobileSide(LegBase):
         assert hidden is not None and head is not None
         self.timer = None
         # On a named host nothing is stripped: the hidden server may authenticate itself.
-        latency = self._link(hidden, head.forwarded(strip_authorization=not self.named))
+        latency = self._link(hidden, head.forwarded(strip_authorization=not self.named,
+                                                    extra=self._forwarded()))
         self.hub.paired(self.uuid, latency)
         logs.event("paired", id=self.uuid, mobile=self._peer_text(), hidden=hidden._peer_text(),
                    latency=f"{latency * 1000:.1f}ms")
@@ -235,6 +238,8 @@ class MobileSide(LegBase):
         framer.begin(head)
         answers = other.responses = ResponseFramer()
         answers.expect(head.method)
+        if other.send_proxy:  # (a leg to another node has none: that node's hidden leg may)
+            other.transport.write(self._proxy_header(other.send_proxy))
         other.transport.write(request)
         self.received = len(request)
         early = other.reader.take_trailing()

@@ -111,7 +111,8 @@ class Relaying(LegBase):
             self._hold(head)
             return
         # Another relay node routes by it, and strips it itself; a named host strips nothing.
-        request = head.forwarded(strip_authorization=peer.kind != OUTBOUND and not self.named)
+        request = head.forwarded(strip_authorization=peer.kind != OUTBOUND and not self.named,
+                                 extra=self._forwarded())
         self.head = head
         self.received += len(request)
         peer.transport.write(request)
