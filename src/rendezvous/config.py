@@ -37,6 +37,8 @@ DEFAULT_PAIR_IDLE_TIMEOUT = 600.0
 # Seconds between checks for registry changes made by other processes (SQLite; Redis is told at
 # once): a rotation or removal by the CLI cuts the old parked connections within about this long.
 DEFAULT_REGISTRY_POLL = 0.5
+# Seconds between two malloc_trim(0) calls, which give a burst's freed heap back (server/memory.py).
+DEFAULT_MALLOC_TRIM_INTERVAL = 10.0
 
 
 # Failed CONNECTs (wrong token, unknown ID) allowed before 429; README.md gives the odds.
@@ -156,6 +158,7 @@ class ServerConfig:
     registry_url: str = "memory://"
     limits: Limits = field(default_factory=Limits)
     log_format: str = "text"  # or "json"
+    log_file: Path | None = None  # None: stderr (the journal under systemd); reopened on SIGHUP
     use_uvloop: bool = True
     cluster: ClusterConfig | None = None  # several nodes on one Redis; None: a lone relay
     admin: AdminConfig | None = None  # the admin page next to the relay (serve --admin); None: off
@@ -171,6 +174,7 @@ class ServerConfig:
     # serve --forwarded: tell the hidden server who the visitor is (a Forwarded header, RFC
     # 7239) in every request head passed on; off by default, for byte compatibility.
     forwarded: bool = False
+    malloc_trim_interval: float = DEFAULT_MALLOC_TRIM_INTERVAL  # seconds; 0: never
 
 
 # The admin page (registrar) ---------------------------------------------------------------

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 LOGGER_NAME = "rendezvous"
@@ -21,12 +23,20 @@ def event(name: str, /, level: int = logging.INFO, **fields: Any) -> None:
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-11-25T16:40:00Z parked id=... peer=... pool=3``"""
+    """``2026-11-25T16:40:00Z parked id=... peer=... pool=3``
+
+    Without ``stamp`` the time is left out: the journal stamps each line itself.
+    """
+
+    def __init__(self, stamp: bool = True) -> None:
+        super().__init__()
+        self.stamp = stamp
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
         fields: dict[str, Any] = getattr(record, "event_fields", {})
-        parts = [stamp, record.getMessage()]
+        parts = [record.getMessage()]
+        if self.stamp:
+            parts.insert(0, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)))
         parts.extend(f"{key}={_text(value)}" for key, value in fields.items())
         line = " ".join(parts)
         if record.exc_info:
@@ -163,10 +173,65 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
-def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
-    """Send the package's events to stderr in ``log_format`` ("text" or "json")."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
+class ReopeningFileHandler(logging.FileHandler):
+    """Appends to a file and opens it again on :meth:`reopen` (SIGHUP, after logrotate moved
+    it away): a line is never lost between the move and the reopen, it lands in the old file."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            stream = open(self.baseFilename, "a", encoding=self.encoding)  # noqa: SIM115
+            old, self.stream = self.stream, stream
+            if old is not None:
+                old.close()
+        finally:
+            self.release()
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is connected to systemd's journal (``$JOURNAL_STREAM`` names it)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        info = os.fstat(sys.stderr.fileno())
+        return (info.st_dev, info.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def configure_logging(log_format: str = "text", level: int = logging.INFO,
+                      log_file: Path | None = None) -> None:
+    """Send the package's events to stderr, or to ``log_file``, in ``log_format`` ("text" or
+    "json"). Text lines on the journal carry no time stamp of their own.
+
+    Raises :class:`OSError` when ``log_file`` cannot be opened.
+    """
+    handler: logging.Handler
+    if log_file is not None:
+        handler = ReopeningFileHandler(log_file, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(TextFormatter(stamp=log_file is not None or not stderr_is_journal()))
+    for old in log.handlers:
+        old.close()
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+
+
+def reopen_log_files() -> bool:
+    """Open the log file again (SIGHUP); False when logging goes to stderr or the reopen failed
+    (the old file is kept, and the failure is logged to it)."""
+    reopened = False
+    for handler in log.handlers:
+        if isinstance(handler, ReopeningFileHandler):
+            try:
+                handler.reopen()
+            except OSError as exc:
+                event("log file reopen failed, keeping the old one", level=logging.ERROR,
+                      file=handler.baseFilename, error=str(exc))
+                continue
+            reopened = True
+    return reopened

@@ -95,6 +95,8 @@ def test_relay_unit_command_and_file_limit() -> None:
     assert args.command == "serve"
     assert args.port == 443
     assert args.max_connections == DEFAULT_MAX_CONNECTIONS
+    assert args.malloc_trim_interval > 0  # the relay gives a scan's memory back
+    assert "LD_PRELOAD" not in RELAY.read_text()  # and needs no other allocator for it
     limit = int(service_section(RELAY)["LimitNOFILE"])
     assert limit >= args.max_connections + FILE_HEADROOM
 

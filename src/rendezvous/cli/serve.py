@@ -30,6 +30,7 @@ from rendezvous.config import (
     DEFAULT_CLUSTER_TTL,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEAD_TIMEOUT,
+    DEFAULT_MALLOC_TRIM_INTERVAL,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_HEAD_SIZE,
     DEFAULT_MAX_HEADERS,
@@ -237,6 +238,22 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         help="how often to look for registry changes made by other processes, such as "
         "`users rotate`; parked connections they revoke are closed (default: %(default)s)",
     )
+    process = p.add_argument_group("log file and memory")
+    process.add_argument(
+        "--log-file",
+        type=Path,
+        metavar="FILE",
+        help="append log lines to FILE instead of stderr; reopened on SIGHUP, for logrotate "
+        "(under systemd leave it out: stderr goes to the journal)",
+    )
+    process.add_argument(
+        "--malloc-trim-interval",
+        type=seconds(allow_zero=True),
+        default=DEFAULT_MALLOC_TRIM_INTERVAL,
+        metavar="SECONDS",
+        help="give freed heap memory back to the system this often, and as soon as a burst of "
+        "connections ends, so RSS comes back down after a scan; 0: never (default: %(default)s)",
+    )
     guesses = p.add_argument_group(
         "failed CONNECTs",
         "Wrong tokens and unknown IDs are limited by token buckets, per source address and per "
@@ -424,6 +441,7 @@ def _serve(args: argparse.Namespace) -> int:
         registry_url=found.registry_url,
         limits=_limits(args),
         log_format=args.log_format,
+        log_file=args.log_file,
         use_uvloop=not args.no_uvloop,
         cluster=_cluster_config(args),
         admin=admin and replace(admin, relay=relay, domain=domain),
@@ -432,6 +450,7 @@ def _serve(args: argparse.Namespace) -> int:
         domain=domain,
         proxy_protocol_from=args.proxy_protocol_from,
         forwarded=args.forwarded,
+        malloc_trim_interval=args.malloc_trim_interval,
     )
     _banner(config, found, relay, args.port)
 

@@ -17,6 +17,7 @@ from rendezvous.config import ClusterConfig, ServerConfig
 from rendezvous.registry import Registry, open_registry
 from rendezvous.server.connection import INTERNAL, Connection, LegBase
 from rendezvous.server.hub import Hub
+from rendezvous.server.memory import MemoryTrimmer
 from rendezvous.server.revocation import RevocationWatch
 from rendezvous.tls import server_ssl_context
 
@@ -45,6 +46,7 @@ class RendezvousServer:
         self.cluster: ClusterMember | None = None  # this node's membership, with --cluster
         self._revocation: RevocationWatch | None = None
         self._server: asyncio.Server | None = None
+        self._trimmer: MemoryTrimmer | None = None
         self.admin: AdminSite | None = None  # the admin page, when config.admin asks for it
         self.local: LocalRecords | None = None  # relay.json and the status socket (data_dir)
         self.ssl_context: ssl.SSLContext | None = (
@@ -97,6 +99,9 @@ class RendezvousServer:
             await self._revocation.close()
             raise
         hub.start_sweeping()
+        self._trimmer = MemoryTrimmer(loop, config.malloc_trim_interval,
+                                      connections=lambda: hub.open_connections)
+        self._trimmer.start()
         if config.cluster is not None:
             await self._join_cluster(hub, config.cluster)
         logs.event("listening", addresses=",".join(self.addresses),
@@ -158,6 +163,8 @@ class RendezvousServer:
         if self._revocation is not None:
             revocation, self._revocation = self._revocation, None
             await revocation.close()
+        if self._trimmer is not None:
+            self._trimmer.stop()
         hub = self.hub
         if self.cluster is not None:
             member, self.cluster = self.cluster, None
@@ -222,7 +229,7 @@ async def serve_until_signalled(config: ServerConfig) -> None:
     server = RendezvousServer(config)
     stop = asyncio.Event()
     # Handlers first: a SIGTERM sent as soon as the port answers must not kill us unlogged.
-    with runtime.signals(stop.set, on_reload=server.reload_tls):
+    with runtime.signals(stop.set, on_reload=lambda: on_sighup(server)):
         await server.start()
         try:
             await stop.wait()
@@ -232,9 +239,21 @@ async def serve_until_signalled(config: ServerConfig) -> None:
             logs.event("stopped")
 
 
+def on_sighup(server: RendezvousServer) -> None:
+    """SIGHUP: open the log file again (logrotate moved it), load the certificate again."""
+    if logs.reopen_log_files():
+        logs.event("reopened log file")
+    server.reload_tls()
+
+
 def run(config: ServerConfig) -> int:
     """Run ``rendezvous serve`` to completion; returns the process exit status."""
-    logs.configure_logging(config.log_format)
+    try:
+        logs.configure_logging(config.log_format, log_file=config.log_file)
+    except OSError as exc:
+        print(f"rendezvous: error: cannot open the log file {config.log_file}: {exc}",
+              file=sys.stderr)
+        return 2
     limit = raise_open_file_limit()
     if limit < config.limits.max_connections + 64:
         logs.event("open-file limit below max connections", level=logging.WARNING,
