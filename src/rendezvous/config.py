@@ -159,6 +159,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     log_format: str = "text"  # or "json"
     log_file: Path | None = None  # None: stderr (the journal under systemd); reopened on SIGHUP
+    log_level: str = "info"  # or "debug", "warning", "error"
     use_uvloop: bool = True
     cluster: ClusterConfig | None = None  # several nodes on one Redis; None: a lone relay
     admin: AdminConfig | None = None  # the admin page next to the relay (serve --admin); None: off

@@ -188,6 +188,12 @@ class ReopeningFileHandler(logging.FileHandler):
             self.release()
 
 
+def level_number(name: str) -> int:
+    """The logging level called ``name`` ("debug", "info", "warning", "error")."""
+    number = logging.getLevelName(name.upper())
+    return number if isinstance(number, int) else logging.INFO
+
+
 def stderr_is_journal() -> bool:
     """Whether stderr is connected to systemd's journal (``$JOURNAL_STREAM`` names it)."""
     device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")

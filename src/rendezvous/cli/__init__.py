@@ -1,6 +1,7 @@
 """The ``rendezvous`` command: parses arguments into config and calls the parts, nothing else.
 
     rendezvous serve                 run the relay
+    rendezvous config show|init      serve's settings (relay.toml): effective, or a new file
     rendezvous status                what the running relay holds: parked and active per ID
     rendezvous users add|list|show|rotate|visitor|remove
                                      manage hidden servers in the registry
@@ -26,7 +27,7 @@ import os
 import sys
 
 from rendezvous import __version__
-from rendezvous.cli import admin, certs, hidden, mobile, serve, status, users
+from rendezvous.cli import admin, certs, configcmd, hidden, mobile, serve, status, users
 from rendezvous.cli.options import EXIT_ERROR, PROG, Formatter, Handler
 from rendezvous.errors import RendezvousError
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_commands(commands)
+    configcmd.add_commands(commands)
     status.add_commands(commands)
     users.add_commands(commands)
     admin.add_commands(commands)
@@ -56,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``rendezvous`` command with ``argv`` (default: ``sys.argv[1:]``); the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for relay.toml's precedence: which options the command line gave
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -154,8 +154,12 @@ def store(args: argparse.Namespace) -> Store:
     return Store(data_dir, given_url or os.environ.get(ENV_REGISTRY) or "")
 
 
-def runtime_options(*, uvloop: bool = True) -> argparse.ArgumentParser:
-    """--log-format (and --no-uvloop): every command that runs until it is stopped."""
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def runtime_options(*, uvloop: bool = True, log_level: bool = False) -> argparse.ArgumentParser:
+    """--log-format (and --no-uvloop, --log-level): every command that runs until it is
+    stopped."""
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("runtime")
     group.add_argument(
@@ -164,6 +168,13 @@ def runtime_options(*, uvloop: bool = True) -> argparse.ArgumentParser:
         default="text",
         help="log lines on stderr as text or as JSON objects (default: %(default)s)",
     )
+    if log_level:
+        group.add_argument(
+            "--log-level",
+            choices=LOG_LEVELS,
+            default="info",
+            help="least important log lines written (default: %(default)s)",
+        )
     if uvloop:
         group.add_argument("--no-uvloop", action="store_true",
                            help="use the standard asyncio event loop")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import socket
 from dataclasses import replace
 from pathlib import Path
 
 from rendezvous import registrar
+from rendezvous.cli import settings
 from rendezvous.cli.admin import admin_access, admin_password_option
 from rendezvous.cli.options import (
     PROG,
@@ -69,15 +69,24 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
     """Add ``serve`` to ``commands``."""
     p = commands.add_parser(
         "serve",
-        parents=[store_options(), runtime_options()],
+        parents=[store_options(), runtime_options(log_level=True)],
         formatter_class=Formatter,
         help="run the relay",
         description="Run the relay. Without --cert or --no-tls it uses DIR/cert.pem and\n"
         "DIR/key.pem, creating a self-signed pair on first run; provisioning files made\n"
         "by 'rendezvous users add' carry that certificate for hidden servers to trust.\n"
         "At start it records its public address in DIR/relay.json, and the files made\n"
-        "later by 'users add', 'users rotate' and the admin page point there.",
+        "later by 'users add', 'users rotate' and the admin page point there.\n"
+        "Every option is also a key of DIR/relay.toml (or --config FILE) and a\n"
+        "RENDEZVOUS_<KEY> variable: flag > variable > file > default ('config show').",
     )
+    add_options(p)
+    p.set_defaults(handler=_serve, parser=p)
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """Every option of ``serve`` but those of the shared groups (``config show`` has them too)."""
+    config_option(p)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     p.add_argument(
         "--port",
@@ -144,7 +153,17 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
     _add_limits(p)
     _add_cluster(p)
     _add_admin_page(p)
-    p.set_defaults(handler=_serve)
+
+
+def config_option(p: argparse.ArgumentParser) -> None:
+    """--config FILE: where serve's settings are read (not a key itself)."""
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"settings file (TOML; default: ${settings.ENV_CONFIG}, else DIR/"
+        f"{settings.CONFIG_FILE} when it exists)",
+    )
 
 
 def _add_limits(p: argparse.ArgumentParser) -> None:
@@ -341,7 +360,7 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
     cluster.add_argument("--advertise", metavar="HOST:PORT",
                          help="address other nodes dial (default: --internal; required when "
                               "--internal binds all interfaces)")
-    cluster.add_argument("--cluster-key", metavar="KEY", default=os.environ.get(ENV_CLUSTER_KEY),
+    cluster.add_argument("--cluster-key", metavar="KEY",
                          help=f"shared secret of the nodes (default: ${ENV_CLUSTER_KEY})")
     cluster.add_argument("--cluster-ttl", metavar="SECONDS", type=seconds(allow_zero=False),
                          default=DEFAULT_CLUSTER_TTL,
@@ -417,13 +436,51 @@ def _tls_config(args: argparse.Namespace, found: Store) -> TLSConfig | None:
                               warn=lambda m: err(f"warning: {m}"))
 
 
+def own_argv(args: argparse.Namespace, *command: str) -> list[str]:
+    """The arguments after ``command`` (e.g. ``serve``) in the command line ``main`` parsed."""
+    argv: list[str] = list(getattr(args, "argv", None) or [])
+    for word in command:
+        argv = argv[argv.index(word) + 1:] if word in argv else []
+    return argv
+
+
+def resolved(parser: argparse.ArgumentParser, args: argparse.Namespace,
+             argv: list[str]) -> list[settings.Setting]:
+    """Apply relay.toml and the RENDEZVOUS_* variables to ``args`` (flags win)."""
+    return settings.resolve(parser, args, argv)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    parser: argparse.ArgumentParser = args.parser
+    argv = own_argv(args, "serve")
+    resolved(parser, args, argv)
+    config, found, relay = server_config(args)
+    if args.config_file is not None:
+        err(f"settings: {args.config_file.resolve()}")
+    _banner(config, found, relay, args.port)
+
+    def reload() -> ServerConfig:
+        # SIGHUP: the same command line over the file as it is now.
+        again = parser.parse_args(argv)
+        again.argv = args.argv
+        resolved(parser, again, argv)
+        return server_config(again, quiet=True)[0]
+
+    # Imported here so `users` and `cert` start fast and work without the server's dependencies.
+    from rendezvous.server.app import run
+
+    return run(config, reload=reload)
+
+
+def server_config(args: argparse.Namespace,
+                  quiet: bool = False) -> tuple[ServerConfig, Store, RelayAddress]:
+    """The relay's settings from resolved ``args`` (checked; the data folder made)."""
     found = store(args)
     if (args.cert is None) != (args.key is None):
         raise ConfigError("--cert and --key go together: give both or neither")
     if args.no_tls and args.cert is not None:
         raise ConfigError("--no-tls and --cert contradict each other: choose one")
-    if args.public_host and (args.no_tls or args.cert is not None):
+    if args.public_host and (args.no_tls or args.cert is not None) and not quiet:
         err("warning: --public-host only names a self-signed certificate and the host of "
             "provisioning files; the certificate part is ignored here")
     admin = _admin_config(args)  # an exposed admin page is refused before any file is made
@@ -442,6 +499,7 @@ def _serve(args: argparse.Namespace) -> int:
         limits=_limits(args),
         log_format=args.log_format,
         log_file=args.log_file,
+        log_level=args.log_level,
         use_uvloop=not args.no_uvloop,
         cluster=_cluster_config(args),
         admin=admin and replace(admin, relay=relay, domain=domain),
@@ -452,12 +510,7 @@ def _serve(args: argparse.Namespace) -> int:
         forwarded=args.forwarded,
         malloc_trim_interval=args.malloc_trim_interval,
     )
-    _banner(config, found, relay, args.port)
-
-    # Imported here so `users` and `cert` start fast and work without the server's dependencies.
-    from rendezvous.server.app import run
-
-    return run(config)
+    return config, found, relay
 
 
 def _networks(text: str) -> tuple[IPNetwork, ...]:

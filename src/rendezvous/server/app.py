@@ -10,10 +10,12 @@ import resource
 import ssl
 import sys
 from collections.abc import Callable
+from dataclasses import fields, is_dataclass, replace
 from typing import TYPE_CHECKING
 
 from rendezvous import logs, runtime
 from rendezvous.config import ClusterConfig, ServerConfig
+from rendezvous.errors import RendezvousError
 from rendezvous.registry import Registry, open_registry
 from rendezvous.server.connection import INTERNAL, Connection, LegBase
 from rendezvous.server.hub import Hub
@@ -187,23 +189,45 @@ class RendezvousServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
 
-    def reload_tls(self) -> None:
-        """Load the certificate and key files again (SIGHUP), e.g. after a renewal.
+    def reload_tls(self, quiet: bool = False) -> str:
+        """Load the certificate and key files again (SIGHUP), e.g. after a renewal; what
+        happened, in a few words (logged unless ``quiet``).
 
         New handshakes use the new pair; established connections are not touched. A pair that
         fails to load is reported and the old one stays in use.
         """
         tls = self.config.tls
         if tls is None or self.ssl_context is None:
-            logs.event("reload ignored: no TLS")
-            return
+            if not quiet:
+                logs.event("reload ignored: no TLS")
+            return "none (no TLS)"
         try:
             self.ssl_context.load_cert_chain(tls.cert_file, tls.key_file)
         except (OSError, ssl.SSLError) as exc:
             logs.event("reload failed, keeping the old certificate", level=logging.ERROR,
                        cert=str(tls.cert_file), error=str(exc))
-            return
-        logs.event("reloaded certificate", cert=str(tls.cert_file))
+            return "kept the old one (the new pair failed to load)"
+        if not quiet:
+            logs.event("reloaded certificate", cert=str(tls.cert_file))
+        return "reloaded"
+
+    def reload(self, new: ServerConfig) -> None:
+        """Apply what ``new`` changes that can change while running (SIGHUP): the limits, the
+        log level and the certificate files' contents; one log line says what changed and what
+        differs but needs a restart (and stays as it was)."""
+        old = self.config
+        changed = _differences("", old.limits, new.limits)
+        if old.log_level != new.log_level:
+            changed.append(f"log_level={old.log_level}->{new.log_level}")
+            logs.log.setLevel(logs.level_number(new.log_level))
+        restart = [name for name in _RESTART_FIELDS
+                   if getattr(old, name) != getattr(new, name)]
+        self.config = replace(old, limits=new.limits, log_level=new.log_level)
+        if self.hub is not None:
+            self.hub.set_limits(new.limits)
+        certificate = self.reload_tls(quiet=True)
+        logs.event("reloaded", changed=",".join(changed) or "nothing",
+                   restart_needed=",".join(restart) or "nothing", certificate=certificate)
 
     async def __aenter__(self) -> RendezvousServer:
         await self.start()
@@ -223,13 +247,50 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-async def serve_until_signalled(config: ServerConfig) -> None:
-    """Run the server until SIGINT or SIGTERM, then shut down gracefully (SIGHUP reloads the
-    certificate)."""
+# What SIGHUP cannot change in a running relay: it logs them as needing a restart.
+_RESTART_FIELDS = ("host", "port", "tls", "registry_url", "log_format", "use_uvloop", "cluster",
+                   "admin", "data_dir", "public")
+
+
+def _differences(prefix: str, old: object, new: object) -> list[str]:
+    """``name=old->new`` for each field of two dataclasses that differs (nested ones too)."""
+    found: list[str] = []
+    for item in fields(old):  # type: ignore[arg-type]
+        before, after = getattr(old, item.name), getattr(new, item.name)
+        if before == after:
+            continue
+        if is_dataclass(before):
+            found += _differences(f"{prefix}{item.name}.", before, after)
+        else:
+            found.append(f"{prefix}{item.name}={before}->{after}")
+    return found
+
+
+async def serve_until_signalled(
+    config: ServerConfig, reload: Callable[[], ServerConfig] | None = None
+) -> None:
+    """Run the server until SIGINT or SIGTERM, then shut down gracefully. SIGHUP reloads the
+    certificate, and with ``reload`` (which reads the settings again) the limits and log
+    level too."""
     server = RendezvousServer(config)
     stop = asyncio.Event()
+
+    def on_reload() -> None:
+        if logs.reopen_log_files():  # logrotate moved it away
+            logs.event("reopened log file")
+        if reload is None:
+            server.reload_tls()
+            return
+        try:
+            new = reload()
+        except RendezvousError as exc:
+            logs.event("reload failed, keeping the current settings", level=logging.ERROR,
+                       error=str(exc))
+            return
+        server.reload(new)
+
     # Handlers first: a SIGTERM sent as soon as the port answers must not kill us unlogged.
-    with runtime.signals(stop.set, on_reload=lambda: on_sighup(server)):
+    with runtime.signals(stop.set, on_reload=on_reload):
         await server.start()
         try:
             await stop.wait()
@@ -239,17 +300,12 @@ async def serve_until_signalled(config: ServerConfig) -> None:
             logs.event("stopped")
 
 
-def on_sighup(server: RendezvousServer) -> None:
-    """SIGHUP: open the log file again (logrotate moved it), load the certificate again."""
-    if logs.reopen_log_files():
-        logs.event("reopened log file")
-    server.reload_tls()
-
-
-def run(config: ServerConfig) -> int:
-    """Run ``rendezvous serve`` to completion; returns the process exit status."""
+def run(config: ServerConfig, reload: Callable[[], ServerConfig] | None = None) -> int:
+    """Run ``rendezvous serve`` to completion; returns the process exit status. ``reload``:
+    the settings read again, on SIGHUP."""
     try:
-        logs.configure_logging(config.log_format, log_file=config.log_file)
+        logs.configure_logging(config.log_format, logs.level_number(config.log_level),
+                               log_file=config.log_file)
     except OSError as exc:
         print(f"rendezvous: error: cannot open the log file {config.log_file}: {exc}",
               file=sys.stderr)
@@ -259,7 +315,7 @@ def run(config: ServerConfig) -> int:
         logs.event("open-file limit below max connections", level=logging.WARNING,
                    limit=limit, max_connections=config.limits.max_connections)
     try:
-        runtime.run(serve_until_signalled(config), use_uvloop=config.use_uvloop)
+        runtime.run(serve_until_signalled(config, reload), use_uvloop=config.use_uvloop)
     except OSError as exc:
         print(f"rendezvous: error: cannot listen on {config.host}:{config.port}: {exc}",
               file=sys.stderr)

@@ -444,6 +444,14 @@ class Hub(Generic[L]):
         for connection in list(self._connections):
             connection.abort()
 
+    def set_limits(self, limits: Limits) -> None:
+        """Limits that change while running (SIGHUP): new connections, pairings and guesses
+        follow them; what is open stays as it is (a smaller pool shrinks as connections
+        pair or age out)."""
+        self.limits = limits
+        self.guesses.set_limits(limits.guesses)
+        self.visitor_guesses.set_limits(limits.visitor_guesses)
+
     def start_sweeping(self) -> None:
         """Close parked connections older than ``parked_timeout``, checking periodically, and
         drop expired code claims.

@@ -98,6 +98,16 @@ class GuessLimiter:
         # each last asked (one that stops asking for an interval leaves the line).
         self._waiting: dict[str, dict[str, float]] = {}
 
+    def set_limits(self, limits: GuessLimits) -> None:
+        """New bursts and intervals (SIGHUP); the buckets keep what they hold."""
+        self.limits = limits
+        for buckets, burst, interval in (
+            (self.by_address, limits.per_address_burst, limits.per_address_interval),
+            (self.by_id, limits.per_id_burst, limits.per_id_interval),
+            (self.by_pair, limits.per_id_burst, limits.per_id_interval),
+        ):
+            buckets.burst, buckets.interval = burst, interval
+
     def retry_after(self, address: str, uuid: str, now: float) -> float:
         """0 if a guess from ``address`` for ``uuid`` may be checked now (which takes the
         address out of the ID's waiting line); else seconds to tell the peer to wait."""
