@@ -182,8 +182,8 @@ def test_init_writes_every_default_and_loads_back_to_defaults(
     from_file = [s for s in found if s.source.startswith("file")]
     assert len(from_file) > 30  # not all commented out
     assert {s.key.dest for s in from_file} >= {"pool_size", "max_per_address", "port"}
-    assert next(s.value for s in found if s.key.dest ==
-                                           "max_per_address") == DEFAULT_MAX_PER_ADDRESS
+    by_dest = {s.key.dest: s.value for s in found}
+    assert by_dest["max_per_address"] == DEFAULT_MAX_PER_ADDRESS
     # Shown from that file, each is "file" and has the same value as with no file at all.
     with_file = shown(capsys, "--config", str(written))
     without = shown(capsys, "--data-dir", str(tmp_path / "empty"))
