@@ -282,3 +282,34 @@ def test_sighup_reloads_a_limit_keeps_parked_and_says_what_needs_a_restart(
         for sock in sockets:
             sock.close()
         stop_process(proc)
+
+
+# ---------------------------------------------------------------------------- one public address
+
+
+def test_users_add_takes_the_public_address_and_registry_from_relay_toml(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    registry = tmp_path / "elsewhere.sqlite3"
+    (data / "relay.toml").write_text(
+        f'[registry]\nregistry = "sqlite:///{registry}"\n'
+        '[public]\nserver-host = "relay.example.test"\nserver-port = 443\n')
+    out = tmp_path / "hub.json"
+    assert main(["users", "add", "--data-dir", str(data), "--out", str(out)]) == 0
+    made = load_provisioning(out)
+    assert (made.host, made.port) == ("relay.example.test", 443)
+    assert registry.exists()  # the relay's registry, as the file names it
+    assert main(["users", "list", "--data-dir", str(data)]) == 0
+    assert made.uuid in capsys.readouterr().out
+    # A flag still wins, and so does the variable.
+    monkeypatch.setenv("RENDEZVOUS_SERVER_PORT", "8443")
+    assert main(["users", "add", "--data-dir", str(data), "--out", str(out), "--server-host",
+                 "other.example.test"]) == 0
+    made = load_provisioning(out)
+    assert (made.host, made.port) == ("other.example.test", 8443)
+    # A bad relay.toml stops the command with the same one-line error as serve.
+    (data / "relay.toml").write_text("[public]\nserver-port = 0\n")
+    err = error_of(capsys, "users", "list", "--data-dir", str(data))
+    assert "relay.toml:2: [public] server-port: must be from 1 to 65535" in err

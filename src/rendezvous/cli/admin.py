@@ -96,6 +96,9 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
 
 
 def _admin(args: argparse.Namespace) -> int:
+    from rendezvous.cli.configcmd import apply_relay_file
+
+    apply_relay_file(args)  # the relay's registry and public address, from its relay.toml
     found = store(args)
     host, port = args.listen
     # Built first: a page that would be open to the network is refused before anything happens.

@@ -89,3 +89,27 @@ def _init(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot write {target}: {exc.strerror or exc}") from None
     err(f"wrote {target}")
     return 0
+
+
+# Sections of relay.toml that other commands read too: the registry, and the public address
+# provisioning files give (so a file made by `users add` is right for the relay it came from).
+SHARED_SECTIONS = ("registry", "public")
+
+
+def apply_relay_file(args: argparse.Namespace) -> None:
+    """Fill the registry and public-address options ``args`` did not get from the command line
+    from their RENDEZVOUS_* variables, else the relay's settings file (``users``, ``admin``)."""
+    parser = serve_options()
+    keys = [k for k in settings.keys_of(parser)
+            if k.section in SHARED_SECTIONS and k.dest != "data_dir"
+            and getattr(args, k.dest, False) is None]
+    if not keys:
+        return
+    path = settings.default_config_path(args, os.environ)
+    from_file = settings.file_values(settings.read_file(path), settings.keys_of(parser)) \
+        if path is not None else {}
+    for key in keys:
+        if os.environ.get(key.env) is not None:
+            setattr(args, key.dest, settings.convert(key, os.environ[key.env], f"${key.env}"))
+        elif key.dest in from_file:
+            setattr(args, key.dest, from_file[key.dest][0])

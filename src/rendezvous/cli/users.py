@@ -41,6 +41,19 @@ _USERS_EPILOG = (
 )
 
 
+def _with_relay_file(handler: Handler) -> Handler:
+    """``handler`` after the registry and public address missing from its flags are taken
+    from the relay's settings (RENDEZVOUS_* variables, DATA_DIR/relay.toml)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from rendezvous.cli.configcmd import apply_relay_file
+
+        apply_relay_file(args)
+        return handler(args)
+
+    return run
+
+
 def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
     """Add ``users`` and its actions to ``commands``."""
     users = commands.add_parser(
@@ -65,7 +78,7 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
             description=help[0].upper() + help[1:] + ".",
             epilog=_USERS_EPILOG,
         )
-        p.set_defaults(handler=handler)
+        p.set_defaults(handler=_with_relay_file(handler))
         return p
 
     add = action("add", _add, "add a hidden server and write its provisioning file", output)
