@@ -68,7 +68,7 @@ def test_log_file_is_reopened_on_sighup(tmp_path: Path,
     rotated = tmp_path / "relay.log.1"
     log.rename(rotated)  # what logrotate does, then its postrotate sends SIGHUP
     proc.send_signal(signal.SIGHUP)
-    second = wait_for_line(log, "reloaded certificate")
+    second = wait_for_line(log, "certificate=reloaded")
     assert "reopened log file" in second
     assert "listening" not in second
     assert "reopened log file" not in rotated.read_text()

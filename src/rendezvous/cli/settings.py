@@ -25,14 +25,16 @@ import os
 import re
 import textwrap
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rendezvous.errors import ConfigError
 
 ENV_PREFIX = "RENDEZVOUS_"
+T = TypeVar("T")
+
 ENV_CONFIG = "RENDEZVOUS_CONFIG"
 CONFIG_FILE = "relay.toml"  # in the data folder, read when present and no --config is given
 # Groups whose options live under another section's name (they are limits too), and the
@@ -383,11 +385,22 @@ def _lenient_values(found: ConfigFile, keys: Sequence[Key]) -> dict[str, tuple[A
 # ---------------------------------------------------------------------------- show and init
 
 
+def by_section(items: Iterable[T], section_of: Callable[[T], str]) -> list[T]:
+    """``items`` with each section's together (top-level keys first, then sections in the order
+    they first appear): TOML allows a table only once, and groups of one section need not be
+    next to each other in ``--help``."""
+    listed = list(items)
+    first: dict[str, int] = {}
+    for index, item in enumerate(listed):
+        first.setdefault(section_of(item), index)
+    return sorted(listed, key=lambda item: (section_of(item) != "", first[section_of(item)]))
+
+
 def show(settings: Sequence[Setting], secret: frozenset[str] = frozenset()) -> str:
     """The effective settings as TOML, each with where it came from in a comment."""
     lines: list[str] = []
     section: str | None = None
-    for setting in sorted(settings, key=lambda s: s.key.section != ""):
+    for setting in by_section(settings, lambda s: s.key.section):
         key = setting.key
         if key.section != section:
             section = key.section
@@ -410,8 +423,7 @@ def template(parser: argparse.ArgumentParser) -> str:
         "# (capitals, dashes as underscores) wins over this file. Every value here is the default.",
     ]
     section: str | None = None
-    keys = sorted(keys_of(parser), key=lambda k: k.section != "")
-    for key in keys:
+    for key in by_section(keys_of(parser), lambda k: k.section):
         if key.section != section:
             section = key.section
             lines.append(f"\n[{section}]" if section else "")
@@ -421,7 +433,7 @@ def template(parser: argparse.ArgumentParser) -> str:
         lines += textwrap.wrap(f"{key.flag}: {help_text}", 96, initial_indent="# ",
                                subsequent_indent="#   ")
         default = action.default
-        if default is None or default == []:
+        if default is None or default == [] or default == ():
             example = ('["..."]' if key.is_list else
                        "(a number)" if _kind(action) == "a number" else '"..."')
             lines.append(f"# {key.name} = {example}")
