@@ -132,6 +132,40 @@ class TLSConfig:
     key_file: Path
 
 
+# ACME (serve --acme) ------------------------------------------------------------------------
+
+LETS_ENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
+# Renew when this fraction of a certificate's lifetime has passed (Let's Encrypt's advice: 2/3,
+# which leaves a 90-day certificate 30 days of retries).
+DEFAULT_ACME_RENEW_FRACTION = 2 / 3
+# A failed order is retried after this many seconds, doubling up to the maximum (a CA's rate
+# limits count failed validations: hammering it makes things worse).
+DEFAULT_ACME_RETRY_FIRST = 60.0
+DEFAULT_ACME_RETRY_MAX = 6 * 3600.0
+# Seconds one order (validation and issuance) may take before it counts as failed.
+DEFAULT_ACME_ORDER_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeConfig:
+    """``serve --acme``: a certificate from an ACME CA for ``names``, kept in the data dir."""
+
+    names: tuple[str, ...]
+    email: str | None = None  # the account's contact; the CA mails expiry warnings there
+    directory: str = LETS_ENCRYPT_DIRECTORY
+    ca_bundle: Path | None = None  # trust this CA file for the directory (a private ACME server)
+    renew_fraction: float = DEFAULT_ACME_RENEW_FRACTION
+    retry_first: float = DEFAULT_ACME_RETRY_FIRST
+    retry_max: float = DEFAULT_ACME_RETRY_MAX
+    order_timeout: float = DEFAULT_ACME_ORDER_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ConfigError("--acme needs at least one --public-host NAME to certify")
+        if not 0 < self.renew_fraction < 1:
+            raise ConfigError(f"renew fraction must be between 0 and 1, not {self.renew_fraction}")
+
+
 DEFAULT_CLUSTER_TTL = 6.0  # seconds a relay node stays listed in Redis without a heartbeat
 
 
@@ -176,6 +210,8 @@ class ServerConfig:
     # 7239) in every request head passed on; off by default, for byte compatibility.
     forwarded: bool = False
     malloc_trim_interval: float = DEFAULT_MALLOC_TRIM_INTERVAL  # seconds; 0: never
+    # Certificates ordered from an ACME CA (needs tls and data_dir); None: the files of tls only.
+    acme: AcmeConfig | None = None
 
 
 # The admin page (registrar) ---------------------------------------------------------------

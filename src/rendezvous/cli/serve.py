@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -44,10 +45,12 @@ from rendezvous.config import (
     DEFAULT_SETTLE,
     DEFAULT_VISITOR_FAILURES_PER_CONNECTION,
     ENV_CLUSTER_KEY,
+    LETS_ENCRYPT_DIRECTORY,
     PER_ADDRESS_BURST,
     PER_ADDRESS_INTERVAL,
     PER_ID_BURST,
     PER_ID_INTERVAL,
+    AcmeConfig,
     AdminConfig,
     ClusterConfig,
     GuessLimits,
@@ -133,6 +136,19 @@ def add_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="speak plain TCP, for a relay behind a TLS-terminating balancer",
     )
+    acme = p.add_argument_group(
+        "ACME",
+        "A trusted certificate for every --public-host name from an ACME CA (Let's Encrypt by\n"
+        "default), validated by TLS-ALPN-01 on this listener (the CA connects to port 443)\n"
+        "and renewed at two thirds of its lifetime; kept in DIR/acme/.")
+    acme.add_argument("--acme", action="store_true",
+                      help="order and renew the certificate from an ACME CA")
+    acme.add_argument("--acme-email", metavar="ADDRESS",
+                      help="contact address of the ACME account (expiry warnings go there)")
+    acme.add_argument("--acme-directory", metavar="URL", default=LETS_ENCRYPT_DIRECTORY,
+                      help="the CA's directory URL (default: Let's Encrypt's production one)")
+    acme.add_argument("--acme-ca-bundle", metavar="FILE", type=Path,
+                      help="trust this CA file when talking to the directory (a private CA)")
     public = p.add_argument_group(
         "public address",
         "What provisioning files tell hidden servers (recorded in DIR/relay.json at start).",
@@ -425,11 +441,41 @@ def _admin_config(args: argparse.Namespace) -> AdminConfig | None:
 # ---------------------------------------------------------------------------- the command
 
 
-def _tls_config(args: argparse.Namespace, found: Store) -> TLSConfig | None:
+def _acme_config(args: argparse.Namespace) -> AcmeConfig | None:
+    if not args.acme:
+        return None
+    if args.no_tls or args.cert is not None:
+        raise ConfigError("--acme orders the relay's certificate: leave out --cert and --no-tls")
+    bundle: Path | None = args.acme_ca_bundle
+    if bundle is not None and not bundle.is_file():
+        raise ConfigError(f"--acme-ca-bundle: no such file: {bundle}")
+    hosts = [h for h in args.public_host if not _is_address(h)]
+    return AcmeConfig(names=tuple(dict.fromkeys(h.lower() for h in hosts)),
+                      email=args.acme_email, directory=args.acme_directory, ca_bundle=bundle)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _tls_config(args: argparse.Namespace, found: Store,
+                acme: AcmeConfig | None = None) -> TLSConfig | None:
     cert: Path | None = args.cert
     key: Path | None = args.key
     if args.no_tls:
         return None
+    if acme is not None:
+        from rendezvous.server.certificates import CertificateManager, Challenges
+
+        manager = CertificateManager(acme, found.data_dir, Challenges(), lambda _c, _k: None)
+        if manager.stored() is not None:
+            return TLSConfig(cert_file=manager.cert_path, key_file=manager.key_path)
+        err("warning: no certificate from the ACME CA yet: serving a self-signed one until the "
+            "order succeeds (clients will warn until then)")
     if cert is not None and key is not None:
         return TLSConfig(cert_file=cert, key_file=key)
     return ensure_self_signed(found.data_dir, args.public_host,
@@ -484,13 +530,17 @@ def server_config(args: argparse.Namespace,
         err("warning: --public-host only names a self-signed certificate and the host of "
             "provisioning files; the certificate part is ignored here")
     admin = _admin_config(args)  # an exposed admin page is refused before any file is made
+    acme = _acme_config(args)
     registrar.prepare_data_dir(found, create=True)
-    tls = _tls_config(args, found)
+    tls = _tls_config(args, found, acme)
     if tls is not None:
         server_ssl_context(tls)  # a bad pair fails here, with its file names, before the banner
     relay = registrar.own_address(found, tls, host=args.server_host, port=args.server_port,
                                   public_hosts=args.public_host)
     domain = _domain(args.domain, tls)
+    if acme is not None:
+        # Provisioning files trust the system's CAs: the self-signed stopgap is soon replaced.
+        relay = replace(relay, ca_pem=None)
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -509,6 +559,7 @@ def server_config(args: argparse.Namespace,
         proxy_protocol_from=args.proxy_protocol_from,
         forwarded=args.forwarded,
         malloc_trim_interval=args.malloc_trim_interval,
+        acme=acme,
     )
     return config, found, relay
 

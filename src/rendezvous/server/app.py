@@ -11,11 +11,12 @@ import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rendezvous import logs, runtime
-from rendezvous.config import ClusterConfig, ServerConfig
-from rendezvous.errors import RendezvousError
+from rendezvous.config import ClusterConfig, ServerConfig, TLSConfig
+from rendezvous.errors import ConfigError, RendezvousError
 from rendezvous.registry import Registry, open_registry
 from rendezvous.server.connection import INTERNAL, Connection, LegBase
 from rendezvous.server.hub import Hub
@@ -25,6 +26,7 @@ from rendezvous.tls import server_ssl_context
 
 if TYPE_CHECKING:
     from rendezvous.admin import AdminSite
+    from rendezvous.server.certificates import CertificateManager
     from rendezvous.server.cluster import ClusterMember
     from rendezvous.server.local import LocalRecords
 
@@ -54,6 +56,9 @@ class RendezvousServer:
         self.ssl_context: ssl.SSLContext | None = (
             server_ssl_context(config.tls) if config.tls is not None else None
         )
+        # The pair SIGHUP reloads: config.tls, or the ACME certificate once there is one.
+        self.tls_files = config.tls
+        self.certificates: CertificateManager | None = None  # with config.acme
 
     @property
     def port(self) -> int:
@@ -87,6 +92,8 @@ class RendezvousServer:
         self._revocation.start()
         # Accepted as plain TCP; each connection starts its own TLS handshake (with its own
         # deadline) once counted, so sockets in their handshake cannot escape the caps.
+        if config.acme is not None:
+            self._start_acme()
         context = self.ssl_context
         factory: Callable[[], Connection] = lambda: Connection(hub, upgrade=context)  # noqa: E731
         try:
@@ -115,6 +122,32 @@ class RendezvousServer:
             await self.local.start()
         if config.admin is not None:
             await self._start_admin()
+
+    def _start_acme(self) -> None:
+        """Serve TLS-ALPN-01 challenges on our context and keep an ACME certificate current:
+        the stored one at once if it is valid, else the self-signed one until the order is in."""
+        from rendezvous.server.certificates import CertificateManager, Challenges
+
+        config = self.config
+        assert config.acme is not None
+        if self.ssl_context is None or config.data_dir is None:
+            raise ConfigError("--acme needs TLS and a data folder")
+        challenges = Challenges()
+        self.ssl_context.sni_callback = challenges.sni_callback
+        manager = CertificateManager(config.acme, config.data_dir, challenges, self.use_certificate)
+        if manager.stored() is not None:
+            self.use_certificate(manager.cert_path, manager.key_path)
+        else:
+            logs.event("no certificate from the CA yet: serving the self-signed one until the "
+                       "order succeeds", level=logging.WARNING, names=",".join(config.acme.names))
+        manager.start()
+        self.certificates = manager
+
+    def use_certificate(self, cert_file: Path, key_file: Path) -> None:
+        """Present this pair to new handshakes from now on (established connections, parked or
+        paired, keep theirs); SIGHUP reloads it from then on."""
+        self.tls_files = TLSConfig(cert_file=cert_file, key_file=key_file)
+        self.reload_tls()
 
     async def _join_cluster(self, hub: Hub[LegBase], cluster: ClusterConfig) -> None:
         """Open the internal listener and register this node in the cluster's Redis (its
@@ -154,6 +187,9 @@ class RendezvousServer:
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, close parked connections, let active pairings finish for
         ``grace`` seconds, then release the registry."""
+        if self.certificates is not None:
+            certificates, self.certificates = self.certificates, None
+            await certificates.close()
         if self.admin is not None:
             admin, self.admin = self.admin, None
             await admin.close()
@@ -196,7 +232,7 @@ class RendezvousServer:
         New handshakes use the new pair; established connections are not touched. A pair that
         fails to load is reported and the old one stays in use.
         """
-        tls = self.config.tls
+        tls = self.tls_files
         if tls is None or self.ssl_context is None:
             if not quiet:
                 logs.event("reload ignored: no TLS")

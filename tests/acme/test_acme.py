@@ -1,0 +1,243 @@
+"""serve --acme against a real ACME server: Debian's pebble, with pebble-challtestsrv as its DNS
+(every name resolves to 127.0.0.1), validating TLS-ALPN-01 on the relay's own port."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from harness import HiddenHTTPService, ServerThread, recv_until
+from requests.adapters import HTTPAdapter
+from requests.auth import HTTPDigestAuth
+from support import free_port, stop_process, tail, wait_for_port
+
+from rendezvous.config import AcmeConfig, ServerConfig, TLSConfig
+from rendezvous.server.certificates import ALPN_ACME
+from rendezvous.tls import ensure_self_signed, generate_self_signed
+
+NAME = "relay.test"
+
+pytestmark = pytest.mark.skipif(shutil.which("pebble") is None,
+                                reason="Debian's pebble package is not installed")
+
+
+@dataclass
+class Pebble:
+    directory: str
+    ca_bundle: Path  # pebble's own HTTPS certificate (the directory's)
+    root_pem: str  # the root pebble signs issued certificates with
+    tls_port: int  # where pebble validates TLS-ALPN-01: the relay's port
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    folder = tmp_path / "pebble"
+    folder.mkdir()
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    generate_self_signed(["localhost", "127.0.0.1"], cert, key)
+    port, management, dns, dns_management = (free_port() for _ in range(4))
+    tls_port = free_port()
+    config = folder / "pebble.json"
+    config.write_text(json.dumps({"pebble": {
+        "listenAddress": f"127.0.0.1:{port}",
+        "managementListenAddress": f"127.0.0.1:{management}",
+        "certificate": str(cert), "privateKey": str(key),
+        "httpPort": free_port(), "tlsPort": tls_port,
+        "ocspResponderURL": "", "externalAccountBindingRequired": False,
+    }}))
+    env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
+    logs = [(folder / "dns.log").open("wb"), (folder / "pebble.log").open("wb")]
+    dns_proc = subprocess.Popen(
+        ["pebble-challtestsrv", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
+         "-dns01", f"127.0.0.1:{dns}", "-http01", "", "-https01", "", "-tlsalpn01", "",
+         "-management", f"127.0.0.1:{dns_management}"], stdout=logs[0], stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(["pebble", "-config", str(config), "-dnsserver", f"127.0.0.1:{dns}"],
+                            env=env, stdout=logs[1], stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", port, timeout=10)
+        wait_for_port("127.0.0.1", management, timeout=10)
+        root = requests.get(f"https://127.0.0.1:{management}/roots/0", verify=str(cert),
+                            timeout=5).text
+        yield Pebble(f"https://127.0.0.1:{port}/dir", cert, root, tls_port)
+    except BaseException:
+        print(tail(folder / "pebble.log"))
+        raise
+    finally:
+        stop_process(proc)
+        stop_process(dns_proc)
+        for f in logs:
+            f.close()
+
+
+class AcmeServer(ServerThread):
+    """A relay whose clients (the hidden service's parked connections) trust pebble's root and
+    reach it by its certified name."""
+
+    root_pem: str
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cadata=self.root_pem)
+
+    def connect(self, timeout: float = 5.0, source: str | None = None) -> socket.socket:
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        return self.client_context().wrap_socket(raw, server_hostname=NAME)
+
+
+def start_relay(pebble: Pebble, data_dir: Path) -> AcmeServer:
+    config = ServerConfig(
+        host="127.0.0.1", port=pebble.tls_port, registry_url="memory://", data_dir=data_dir,
+        tls=_self_signed(data_dir),
+        acme=AcmeConfig(names=(NAME,), directory=pebble.directory, ca_bundle=pebble.ca_bundle,
+                        retry_first=1.0, order_timeout=20.0))
+    AcmeServer.root_pem = pebble.root_pem
+    return AcmeServer(config)
+
+
+def _self_signed(data_dir: Path) -> TLSConfig:
+    return ensure_self_signed(data_dir, [NAME])
+
+
+class _ByName(HTTPAdapter):
+    """Connect by address, but send NAME as SNI and check the certificate against it."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["server_hostname"] = NAME
+        super().init_poolmanager(*args, **kwargs)
+
+
+def served_certificate(port: int, root_pem: str | None = None) -> bytes:
+    """The DER certificate the relay presents to a handshake for NAME (verified against
+    pebble's root when given)."""
+    if root_pem:
+        context = ssl.create_default_context(cadata=root_pem)
+    else:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=NAME) as tls:
+        der = tls.getpeercert(binary_form=True)
+        assert tls.selected_alpn_protocol() is None
+        assert der is not None
+        return der
+
+
+def wait_issued(server: AcmeServer, orders: int = 1, timeout: float = 30.0) -> None:
+    manager = server.server.certificates
+    assert manager is not None
+    deadline = time.monotonic() + timeout
+    while manager.orders < orders or not _installed(server):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no certificate: {manager.last_error}")
+        time.sleep(0.1)
+
+
+def _installed(server: AcmeServer) -> bool:
+    try:
+        served_certificate(server.port, AcmeServer.root_pem)
+    except ssl.SSLCertVerificationError:
+        return False
+    return True
+
+
+def test_tls_alpn_certificate_curl_requests_renewal_and_restart(pebble: Pebble,
+                                                               tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    root = tmp_path / "pebble-root.pem"
+    root.write_text(pebble.root_pem)
+    server = start_relay(pebble, data_dir)
+    try:
+        wait_issued(server)
+        stored = data_dir / "acme"
+        for name in ("key.pem", "account-key.pem", "account.json"):
+            assert (stored / name).stat().st_mode & 0o777 == 0o600, name
+        first = served_certificate(server.port, pebble.root_pem)
+
+        # A normal handshake offering http/1.1 and acme-tls/1 gets the real certificate and
+        # negotiates no acme-tls/1 (no challenge is pending).
+        context = ssl.create_default_context(cadata=pebble.root_pem)
+        context.set_alpn_protocols(["http/1.1", ALPN_ACME])
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname=NAME) as tls:
+            assert tls.selected_alpn_protocol() is None
+
+        entry = server.add_entry()
+        url = f"https://{NAME}:{server.port}/hello"
+        with HiddenHTTPService(server, entry, parked=2) as service:
+            # curl and requests trust only pebble's root, and check the name.
+            out = subprocess.run(
+                ["curl", "-sS", "--fail", "--cacert", str(root), "--resolve",
+                 f"{NAME}:{server.port}:127.0.0.1", "--digest", "-u", f"{entry.uuid}:x", url],
+                capture_output=True, timeout=20, check=True)
+            assert json.loads(out.stdout)["path"] == "/hello"
+
+            # A pairing relaying across a renewal keeps going.
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            paired = context.wrap_socket(raw, server_hostname=NAME)
+            basic = base64.b64encode(f"{entry.uuid}:x".encode()).decode()
+            request = (f"GET /kept HTTP/1.1\r\nHost: {NAME}\r\n"
+                       f"Authorization: Basic {basic}\r\n\r\n").encode()
+            paired.sendall(request)
+            assert b"/kept" in recv_until(paired, b"}")
+            server.sync(server.server.certificates.renew_now)  # type: ignore[union-attr]
+            wait_issued(server, orders=2)
+            second = served_certificate(server.port, pebble.root_pem)
+            assert second != first
+            paired.sendall(request.replace(b"/kept", b"/still"))
+            assert b"/still" in recv_until(paired, b"}")
+            paired.close()
+
+            # requests, by address with the name for SNI and the certificate check.
+            session = requests.Session()
+            session.mount("https://", _ByName())
+            answer = session.get(f"https://127.0.0.1:{server.port}/r", verify=str(root),
+                                 auth=HTTPDigestAuth(entry.uuid, "x"), timeout=10)
+            assert answer.status_code == 200 and answer.json()["path"] == "/r"
+        assert service.errors == []
+    finally:
+        server.stop()
+
+    # A restart serves the stored certificate and orders nothing.
+    again = start_relay(pebble, data_dir)
+    try:
+        assert served_certificate(again.port, pebble.root_pem) == second
+        time.sleep(0.5)
+        assert again.server.certificates is not None
+        assert again.server.certificates.orders == 0
+    finally:
+        again.stop()
+
+
+def test_unreachable_directory_keeps_self_signed_and_says_what_to_fix(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    config = ServerConfig(
+        host="127.0.0.1", port=0, registry_url="memory://", data_dir=data_dir,
+        tls=_self_signed(data_dir),
+        acme=AcmeConfig(names=(NAME,), directory=f"https://127.0.0.1:{port}/dir",
+                        retry_first=30.0))
+    server = ServerThread(config)
+    try:
+        manager = server.server.certificates
+        assert manager is not None
+        deadline = time.monotonic() + 15
+        while manager.last_error is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert manager.last_error is not None
+        assert "cannot reach the ACME directory" in manager.last_error
+        # Still serving, with the self-signed certificate.
+        assert served_certificate(server.port)
+    finally:
+        server.stop()
