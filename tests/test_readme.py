@@ -56,7 +56,7 @@ REDIS_DATABASES = (0, 1)
 MARKER = re.compile(r"^<!-- readme-test: (.*) -->$")
 ACTION = re.compile(r'^(?:(run)(?:, expect "([^"]+)")?|(start), ready "([^"]+)"|(skip): (\S.*))$')
 FENCE = re.compile(r"^```(.*)$")
-PROSE = {"text", "json"}
+PROSE = {"text", "json", "toml"}  # (the relay.toml example is loaded by tests/test_config_file.py)
 CODE = {"sh", "python"}
 NUMBER = re.compile(r"(?<![\w.])\d{4,5}(?![\w])")
 
