@@ -8,20 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from browser_support import chromium
 from harness import HiddenHTTPService, ServerThread
 from named_support import DOMAIN, wildcard_certificate
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
 from rendezvous.config import AdminConfig, Limits, RelayAddress, ServerConfig
 from rendezvous.tls import read_cert_pem
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    # Every name under the test domain is this machine, as a wildcard DNS record would say.
-    f"--host-resolver-rules=MAP *.{DOMAIN} 127.0.0.1",
-]
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 
 pytestmark = pytest.mark.timeout(90)
@@ -29,14 +23,9 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium; scripts/test does it)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    # Every name under the test domain is this machine, as a wildcard DNS record would say.
+    with chromium(f"--host-resolver-rules=MAP *.{DOMAIN} 127.0.0.1") as launched:
+        yield launched
 
 
 def test_admin_names_an_entry_and_a_browser_opens_its_url(tmp_path: Path,

@@ -45,9 +45,6 @@ from rendezvous.registry import Entry, new_secret
 pytestmark = pytest.mark.timeout(60)
 
 CURL = shutil.which("curl")
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update"]
 CLIENT_TIMEOUT = 15.0
 PASSWORD = "visitor secret"
 HEAD_END = b"\r\n\r\n"
@@ -237,34 +234,28 @@ def test_httpx_client_across_ids_with_bodies(relay: Relay) -> None:
 
 
 def test_chromium_fetches_two_ids_in_one_context(relay: Relay) -> None:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium; scripts/test does it)")
-    from playwright.sync_api import sync_playwright
+    from browser_support import chromium  # (playwright only for this test)
 
     ids = relay.ids
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(ignore_https_errors=True, http_credentials={
-                "username": ids["A"], "password": "x"})
-            page = context.new_page()
-            page.goto(relay.url("/page"))  # A's page, after the relay's Digest challenge
-            assert json.loads(page.inner_text("body"))["path"] == "/page"
-            results = page.evaluate("""async ([b, v]) => {
-                const get = async (path, auth) => {
-                    const r = await fetch(path, auth ? {headers: {Authorization: auth}} : {});
-                    return [r.status, r.status === 200 ? (await r.json()).path : null];
-                };
-                const out = [];
-                for (let round = 0; round < 2; round++) {
-                    out.push(await get(`/b${round}`, b));
-                    out.push(await get(`/v${round}`, v));
-                    out.push(await get(`/a${round}`, null));
-                }
-                return out;
-            }""", [basic(ids["B"]), basic(ids["V"], PASSWORD)])
-        finally:
-            browser.close()
+    with chromium() as browser:
+        context = browser.new_context(ignore_https_errors=True, http_credentials={
+            "username": ids["A"], "password": "x"})
+        page = context.new_page()
+        page.goto(relay.url("/page"))  # A's page, after the relay's Digest challenge
+        assert json.loads(page.inner_text("body"))["path"] == "/page"
+        results = page.evaluate("""async ([b, v]) => {
+            const get = async (path, auth) => {
+                const r = await fetch(path, auth ? {headers: {Authorization: auth}} : {});
+                return [r.status, r.status === 200 ? (await r.json()).path : null];
+            };
+            const out = [];
+            for (let round = 0; round < 2; round++) {
+                out.push(await get(`/b${round}`, b));
+                out.push(await get(`/v${round}`, v));
+                out.push(await get(`/a${round}`, null));
+            }
+            return out;
+        }""", [basic(ids["B"]), basic(ids["V"], PASSWORD)])
     assert results == [[200, "/b0"], [200, "/v0"], [200, "/a0"],
                        [200, "/b1"], [200, "/v1"], [200, "/a1"]]
     assert relay.seen("B") == ["/b0", "/b1"]
