@@ -106,8 +106,9 @@ class Node:
             stop_process(self.proc)
 
 
-@pytest.fixture
-def nodes(tmp_path: Path, redis_url: str) -> Iterator[dict[str, Node]]:
+@contextlib.contextmanager
+def running_nodes(tmp_path: Path, redis_url: str, names: str) -> Iterator[dict[str, Node]]:
+    """One `serve --cluster` process per letter of ``names``, on empty Redis databases."""
     cluster_url = redis_url.rsplit("/", 1)[0] + "/1"
     flush_redis(redis_url)
     flush_redis(cluster_url)
@@ -115,7 +116,7 @@ def nodes(tmp_path: Path, redis_url: str) -> Iterator[dict[str, Node]]:
     data_dir.mkdir()
     tls = make_certificate(data_dir)  # every node serves the same certificate
     found = {name: Node(name, free_port(), free_port(), tls.cert_file,
-                        tmp_path / f"{name}.log", redis_url, cluster_url) for name in "ABC"}
+                        tmp_path / f"{name}.log", redis_url, cluster_url) for name in names}
     try:
         for node in found.values():
             node.start(data_dir)
@@ -123,6 +124,12 @@ def nodes(tmp_path: Path, redis_url: str) -> Iterator[dict[str, Node]]:
     finally:
         for node in found.values():
             node.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path, redis_url: str) -> Iterator[dict[str, Node]]:
+    with running_nodes(tmp_path, redis_url, "ABC") as found:
+        yield found
 
 
 def add_entry(redis_url: str) -> Entry:

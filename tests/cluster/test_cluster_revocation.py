@@ -11,11 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import flush_redis
-from harness import HiddenHTTPService, make_certificate
+from harness import HiddenHTTPService
 from revocation_support import REVOKED_WITHIN, closed_by_relay, users
-from support import free_port
-from test_cluster import Node, add_entry, digest_client
+from test_cluster import Node, add_entry, digest_client, running_nodes
 
 from rendezvous.protocol.totp import current_token
 from rendezvous.registry import Entry, open_registry
@@ -25,21 +23,8 @@ PASSWORD = "open sesame"
 
 @pytest.fixture
 def two_nodes(tmp_path: Path, redis_url: str) -> Iterator[dict[str, Node]]:
-    cluster_url = redis_url.rsplit("/", 1)[0] + "/1"
-    flush_redis(redis_url)
-    flush_redis(cluster_url)
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    tls = make_certificate(data_dir)
-    found = {name: Node(name, free_port(), free_port(), tls.cert_file,
-                        tmp_path / f"{name}.log", redis_url, cluster_url) for name in "AB"}
-    try:
-        for node in found.values():
-            node.start(data_dir)
+    with running_nodes(tmp_path, redis_url, "AB") as found:
         yield found
-    finally:
-        for node in found.values():
-            node.stop()
 
 
 def connect_status(node: Node, entry: Entry) -> bytes:
