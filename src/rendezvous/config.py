@@ -26,6 +26,9 @@ DEFAULT_HEAD_TIMEOUT = 15.0  # seconds from accept to a complete request head
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_HEAD_SIZE = 16 * 1024  # bytes; beyond it 431 (real clients send < 4 KiB)
 DEFAULT_MAX_HEADERS = 100  # header lines; beyond it 431
+# Bytes of a TLS ClientHello read before the handshake while an ACME TLS-ALPN-01 challenge is
+# pending (post-quantum key shares make browsers' ~2 KiB); a longer one gets the normal context.
+DEFAULT_MAX_CLIENT_HELLO = 16 * 1024
 DEFAULT_MAX_CONNECTIONS = 15_000  # open client connections; the machine allows 20,000 files
 # One address may hold this many connections at once (a NATed office shares one address).
 DEFAULT_MAX_PER_ADDRESS = 512
@@ -114,6 +117,7 @@ class Limits:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     max_head_size: int = DEFAULT_MAX_HEAD_SIZE
     max_headers: int = DEFAULT_MAX_HEADERS
+    max_client_hello: int = DEFAULT_MAX_CLIENT_HELLO
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_per_address: int = DEFAULT_MAX_PER_ADDRESS
     parked_timeout: float = DEFAULT_PARKED_TIMEOUT

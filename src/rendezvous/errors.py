@@ -8,6 +8,7 @@
     ├── ConfigError                a setting or file the user gave is unusable
     ├── ProvisioningError          a provisioning file is malformed
     ├── ProxyHeaderError           a PROXY protocol header is malformed or too large
+    ├── ClientHelloError           a TLS ClientHello the relay peeks at is malformed or too large
     ├── HeadError                  a peer's request head cannot be served (``status``)
     │   ├── MalformedHead          400: not a valid HTTP/1.x request head
     │   │   └── BareLineFeed       400: lines end in LF alone, not CRLF
@@ -64,6 +65,11 @@ class ProvisioningError(RendezvousError):
 
 class ProxyHeaderError(RendezvousError):
     """A PROXY protocol header (haproxy's v1 or v2) is malformed, unsupported or too large."""
+
+
+class ClientHelloError(RendezvousError):
+    """A TLS ClientHello read before the handshake is not one, is malformed or too large (the
+    relay then lets OpenSSL handle it with its normal context)."""
 
 
 class HeadError(RendezvousError):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -18,16 +19,19 @@ from typing import Any
 
 import pytest
 import requests
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from harness import HiddenHTTPService, ServerThread, recv_until
 from requests.adapters import HTTPAdapter
 from requests.auth import HTTPDigestAuth
 from support import free_port, stop_process, tail, wait_for_port
 
 from rendezvous.config import AcmeConfig, ServerConfig, TLSConfig
-from rendezvous.server.certificates import ALPN_ACME
+from rendezvous.server.certificates import ACME_IDENTIFIER_OID, ALPN_ACME, Challenges
 from rendezvous.tls import ensure_self_signed, generate_self_signed
 
 NAME = "relay.test"
+DER = Encoding.DER
 
 pytestmark = pytest.mark.skipif(shutil.which("pebble") is None,
                                 reason="Debian's pebble package is not installed")
@@ -239,5 +243,93 @@ def test_unreachable_directory_keeps_self_signed_and_says_what_to_fix(tmp_path: 
         assert "cannot reach the ACME directory" in manager.last_error
         # Still serving, with the self-signed certificate.
         assert served_certificate(server.port)
+    finally:
+        server.stop()
+
+
+def bio_handshake(port: int, server_name: str, alpn: list[str],
+                  split: int | None = None) -> tuple[str | None, x509.Certificate]:
+    """A TLS handshake through memory BIOs over a plain socket, so its ClientHello can be sent
+    in two TCP segments (``split`` bytes first, the rest 50 ms later); returns the ALPN
+    protocol chosen and the certificate presented."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        first = True
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            out = outgoing.read()
+            if first and split is not None:
+                raw.sendall(out[:split])
+                time.sleep(0.05)
+                out = out[split:]
+            first = False
+            raw.sendall(out)
+            data = raw.recv(65536)
+            if not data:
+                raise ConnectionError("closed during the handshake")
+            incoming.write(data)
+        raw.sendall(outgoing.read())
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return tls.selected_alpn_protocol(), x509.load_der_x509_certificate(der)
+
+
+def _is_challenge(cert: x509.Certificate, digest: bytes) -> bool:
+    try:
+        found = cert.extensions.get_extension_for_oid(ACME_IDENTIFIER_OID)
+    except x509.ExtensionNotFound:
+        return False
+    return found.critical and digest in found.value.value  # type: ignore[attr-defined]
+
+
+def test_pending_challenge_is_only_for_acme_tls_handshakes(pebble: Pebble, tmp_path: Path) -> None:
+    """While a TLS-ALPN-01 challenge is pending for NAME, curl (and any handshake not offering
+    acme-tls/1, or for another name) gets the real certificate; only one offering acme-tls/1
+    for NAME gets the challenge certificate, also with its ClientHello in two segments."""
+    root = tmp_path / "pebble-root.pem"
+    root.write_text(pebble.root_pem)
+    server = start_relay(pebble, tmp_path / "data")
+    try:
+        wait_issued(server)
+        real = served_certificate(server.port, pebble.root_pem)
+        assert server.server.hub is not None
+        challenges = server.server.hub.challenges
+        assert isinstance(challenges, Challenges)
+        digest = hashlib.sha256(b"held pending by the test").digest()
+        server.sync(challenges.add, NAME, digest)
+
+        curl = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(root),
+             "--resolve", f"{NAME}:{server.port}:127.0.0.1", f"https://{NAME}:{server.port}/"],
+            capture_output=True, timeout=20, text=True)
+        assert curl.returncode == 0, curl.stderr  # pebble's certificate, verified, for NAME
+        assert curl.stdout == "401"
+        assert served_certificate(server.port, pebble.root_pem) == real
+        for alpn in (["h2", "http/1.1"], []):
+            chosen, cert = bio_handshake(server.port, NAME, alpn or ["http/1.1"])
+            assert not _is_challenge(cert, digest) and cert.public_bytes(DER) == real
+
+        for split in (None, 3, 60):  # the ClientHello whole, or its record header cut
+            chosen, cert = bio_handshake(server.port, NAME, ["acme-tls/1"], split=split)
+            assert chosen == ALPN_ACME and _is_challenge(cert, digest), split
+        chosen, cert = bio_handshake(server.port, NAME.upper(), ["http/1.1", "acme-tls/1"])
+        assert chosen == ALPN_ACME and _is_challenge(cert, digest)
+        # acme-tls/1 for a name with no pending challenge: the normal context, no acme-tls/1.
+        chosen, cert = bio_handshake(server.port, "other.test", ["acme-tls/1", "http/1.1"])
+        assert chosen is None and not _is_challenge(cert, digest)
+
+        server.sync(challenges.remove, NAME)
+        chosen, cert = bio_handshake(server.port, NAME, ["acme-tls/1", "http/1.1"])
+        assert chosen is None and cert.public_bytes(DER) == real
     finally:
         server.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 from dataclasses import replace
@@ -151,3 +152,36 @@ def test_later_requests_keep_to_their_host(tmp_path: Path) -> None:
         assert [r.path for r in hub_side.requests] == ["/1", "/2"]
         assert [r.path for r in other_side.requests] == ["/3"]
         assert hub_side.requests[1].header("Authorization") == "Basic eDp5"
+
+
+def test_a_host_other_than_the_sni_gets_421_and_the_connection_goes_on(tmp_path: Path) -> None:
+    """SNI hub.D and Host other.D (or D itself): 421 Misdirected Request, the connection kept
+    for hub.D; with no SNI (an IP) the Host alone routes (test above)."""
+    with named_relay(tmp_path, pair_wait=2.0, settle=0.0) as server:
+        hub, other = named_entry(server, "hub"), named_entry(server, "other")
+        with (HiddenHTTPService(server, hub, parked=1) as hub_side,
+              HiddenHTTPService(server, other, parked=1) as other_side):
+            status, body = curl(server, f"hub.{DOMAIN}", "-H", f"Host: other.{DOMAIN}")
+            assert status == 421, body
+            assert "TLS server name" in json.loads(body)["error"]["diagnostic"]
+
+            context = ssl.create_default_context(cafile=str(server.tls.cert_file))  # type: ignore[union-attr]
+            conn = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=CLIENT_TIMEOUT)
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=CLIENT_TIMEOUT)
+            conn.sock = context.wrap_socket(raw, server_hostname=f"hub.{DOMAIN}")
+            try:
+                def get(host: str, path: str) -> tuple[int, bytes]:
+                    conn.request("GET", path, headers={"Host": host})
+                    answer = conn.getresponse()
+                    return answer.status, answer.read()
+
+                assert get(f"hub.{DOMAIN}", "/1")[0] == 200
+                for host in (f"other.{DOMAIN}", DOMAIN, f"HUB.{DOMAIN}.evil"):
+                    status, _ = get(host, "/x")
+                    assert status == 421, host
+                status, seen = get(f"Hub.{DOMAIN}:{server.port}", "/2")  # the same host
+                assert status == 200 and json.loads(seen)["path"] == "/2"
+            finally:
+                conn.close()
+        assert [r.path for r in hub_side.requests] == ["/1", "/2"]
+        assert other_side.requests == []

@@ -32,6 +32,7 @@ from rendezvous.config import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEAD_TIMEOUT,
     DEFAULT_MALLOC_TRIM_INTERVAL,
+    DEFAULT_MAX_CLIENT_HELLO,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_HEAD_SIZE,
     DEFAULT_MAX_HEADERS,
@@ -230,6 +231,14 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         help="largest request head; beyond it 431 (default: %(default)s)",
     )
     limits.add_argument(
+        "--max-client-hello",
+        type=int_in(1),
+        default=DEFAULT_MAX_CLIENT_HELLO,
+        metavar="BYTES",
+        help="largest TLS ClientHello read before the handshake while an ACME TLS-ALPN-01 "
+        "challenge is pending; a longer one gets the normal certificate (default: %(default)s)",
+    )
+    limits.add_argument(
         "--max-headers",
         type=int_in(1),
         default=DEFAULT_MAX_HEADERS,
@@ -338,6 +347,7 @@ def _limits(args: argparse.Namespace) -> Limits:
         handshake_timeout=args.handshake_timeout,
         max_head_size=args.max_head_size,
         max_headers=args.max_headers,
+        max_client_hello=args.max_client_hello,
         max_connections=args.max_connections,
         max_per_address=args.max_per_address,
         parked_timeout=args.parked_timeout,

@@ -19,6 +19,7 @@ DIAG_INVALID = "invalid request"
 DIAG_BAD_AUTH = "invalid Authorization header"
 DIAG_NOT_REGISTERED = "UUID not registered"
 DIAG_TOO_MANY = "too many attempts"
+DIAG_MISDIRECTED = "Host does not match the TLS server name (SNI) of this connection"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from rendezvous import logs, runtime
 from rendezvous.config import ClusterConfig, ServerConfig, TLSConfig
 from rendezvous.errors import ConfigError, RendezvousError
 from rendezvous.registry import Registry, open_registry
-from rendezvous.server.connection import INTERNAL, Connection, LegBase
+from rendezvous.server.connection import INTERNAL, Connection, LegBase, remember_sni
 from rendezvous.server.hub import Hub
 from rendezvous.server.memory import MemoryTrimmer
 from rendezvous.server.revocation import RevocationWatch
@@ -26,7 +26,7 @@ from rendezvous.tls import server_ssl_context
 
 if TYPE_CHECKING:
     from rendezvous.admin import AdminSite
-    from rendezvous.server.certificates import CertificateManager
+    from rendezvous.server.certificates import CertificateManager, Challenges
     from rendezvous.server.cluster import ClusterMember
     from rendezvous.server.local import LocalRecords
 
@@ -87,13 +87,15 @@ class RendezvousServer:
         hub.domain = config.domain
         hub.proxy_from = config.proxy_protocol_from
         hub.add_forwarded = config.forwarded
+        if config.domain and self.ssl_context is not None:
+            self.ssl_context.sni_callback = remember_sni  # (for 421 on a Host of another name)
         # Before the listener: no connection parks unwatched.
         self._revocation = RevocationWatch(hub, config.limits.registry_poll)
         self._revocation.start()
         # Accepted as plain TCP; each connection starts its own TLS handshake (with its own
         # deadline) once counted, so sockets in their handshake cannot escape the caps.
         if config.acme is not None:
-            self._start_acme()
+            hub.challenges = self._start_acme()
         context = self.ssl_context
         factory: Callable[[], Connection] = lambda: Connection(hub, upgrade=context)  # noqa: E731
         try:
@@ -123,9 +125,9 @@ class RendezvousServer:
         if config.admin is not None:
             await self._start_admin()
 
-    def _start_acme(self) -> None:
-        """Serve TLS-ALPN-01 challenges on our context and keep an ACME certificate current:
-        the stored one at once if it is valid, else the self-signed one until the order is in."""
+    def _start_acme(self) -> Challenges:
+        """Keep an ACME certificate current: the stored one at once if it is valid, else the
+        self-signed one until the order is in; the challenges the listeners answer."""
         from rendezvous.server.certificates import CertificateManager, Challenges
 
         config = self.config
@@ -133,7 +135,6 @@ class RendezvousServer:
         if self.ssl_context is None or config.data_dir is None:
             raise ConfigError("--acme needs TLS and a data folder")
         challenges = Challenges()
-        self.ssl_context.sni_callback = challenges.sni_callback
         manager = CertificateManager(config.acme, config.data_dir, challenges, self.use_certificate)
         if manager.stored() is not None:
             self.use_certificate(manager.cert_path, manager.key_path)
@@ -142,6 +143,7 @@ class RendezvousServer:
                        "order succeeds", level=logging.WARNING, names=",".join(config.acme.names))
         manager.start()
         self.certificates = manager
+        return challenges
 
     def use_certificate(self, cert_file: Path, key_file: Path) -> None:
         """Present this pair to new handshakes from now on (established connections, parked or

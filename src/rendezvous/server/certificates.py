@@ -4,10 +4,12 @@ The ACME exchange itself is certbot's ``acme`` package (JWS, nonces, polling), r
 because it is blocking. This module decides *when* to order (never while the stored certificate
 is valid and not yet due, see :func:`renew_at`), keeps account key and certificate in
 ``DATA_DIR/acme/`` (keys 0600), and answers the CA's TLS-ALPN-01 validation (RFC 8737) on the
-relay's own listener: while a challenge is pending for a name, a handshake for that name is
-switched (SNI callback) to a context whose certificate is the challenge certificate and whose
-only ALPN protocol is ``acme-tls/1``. The relay's normal context offers no ``acme-tls/1``, so an
-ordinary handshake never negotiates it.
+relay's own listener: while a challenge is pending, the relay reads each ClientHello before its
+handshake (protocol/clienthello.py) and one whose SNI is the name and whose ALPN offers
+``acme-tls/1`` gets a context whose certificate is the challenge certificate and whose only ALPN
+protocol is ``acme-tls/1``; every other handshake, for that name too, gets the normal context
+(which offers no ``acme-tls/1``). With ``serve --acme-http`` the order uses HTTP-01 instead,
+answered from :class:`Challenges` by server/acme_http.py.
 
 A failed order is logged with what to fix and retried with back-off; the certificate in use
 (the stored one, or the self-signed one on a first start) keeps serving meanwhile.
@@ -117,14 +119,17 @@ def context_from_pem(cert_pem: bytes, key_pem: bytes, alpn: list[str] | None) ->
 
 
 class Challenges:
-    """Pending TLS-ALPN-01 challenges by name; :meth:`sni_callback` goes on the relay's context.
+    """Pending challenges, the one place every listener looks them up: TLS-ALPN-01 contexts by
+    name (:meth:`context_for`, before the relay's handshake) and HTTP-01 key authorizations by
+    token (:meth:`http_answer`, on the ``--acme-http`` listener).
 
-    Written from the ordering thread, read by the event loop's SNI callback: a dict item set or
-    popped is atomic, and a lock keeps compound updates whole.
+    Written from the ordering thread, read on the event loop: a dict item set or popped is
+    atomic, and a lock keeps compound updates whole.
     """
 
     def __init__(self) -> None:
         self._pending: dict[str, ssl.SSLContext] = {}
+        self._http: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def add(self, name: str, digest: bytes) -> None:
@@ -141,14 +146,30 @@ class Challenges:
         with self._lock:
             return sorted(self._pending)
 
-    def sni_callback(self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
-                     _context: ssl.SSLContext) -> None:
-        """Switch a handshake for a name with a pending challenge to its challenge context."""
-        if server_name is None:
-            return
-        found = self._pending.get(server_name.lower())
-        if found is not None:
-            sslobj.context = found
+    @property
+    def alpn_pending(self) -> bool:
+        """Whether any TLS-ALPN-01 challenge is pending: only then does the relay read a
+        ClientHello before its handshake (checked on every accept, so a plain attribute read)."""
+        return bool(self._pending)
+
+    def context_for(self, server_name: str | None, alpn: tuple[str, ...]) -> ssl.SSLContext | None:
+        """The challenge context for a ClientHello, or None for the normal one: only a
+        handshake whose SNI has a pending challenge AND whose ALPN offers acme-tls/1 (the CA's,
+        RFC 8737 §3) gets it; a visitor of that name meanwhile gets the real certificate."""
+        if server_name is None or ALPN_ACME not in alpn:
+            return None
+        return self._pending.get(server_name.lower().rstrip("."))
+
+    def add_http(self, token: str, key_authorization: str) -> None:
+        """Answer ``GET /.well-known/acme-challenge/TOKEN`` with ``key_authorization``."""
+        self._http[token] = key_authorization
+
+    def remove_http(self, token: str) -> None:
+        self._http.pop(token, None)
+
+    def http_answer(self, token: str) -> str | None:
+        """The key authorization for an HTTP-01 token, or None if none is pending."""
+        return self._http.get(token)
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -33,13 +33,14 @@ import ssl
 from typing import cast
 
 from rendezvous import logs
-from rendezvous.errors import ProxyHeaderError, RegistryError
-from rendezvous.protocol import proxy, responses
+from rendezvous.errors import ClientHelloError, ProxyHeaderError, RegistryError
+from rendezvous.protocol import clienthello, proxy, responses
 from rendezvous.protocol.framing import FramingError, request_body
 from rendezvous.protocol.head import NEED_MORE, HeadError, HeadTooLarge, RequestHead
 from rendezvous.protocol.hostnames import name_in
 from rendezvous.protocol.routing import (
     DIAG_EARLY_DATA,
+    DIAG_MISDIRECTED,
     DIAG_TOO_MANY,
     Challenge,
     Pair,
@@ -69,7 +70,19 @@ from rendezvous.server.leg import (
 from rendezvous.server.mobile_side import MobileSide
 from rendezvous.server.relaying import Relaying
 
-__all__ = ["INTERNAL", "OUTBOUND", "PUBLIC", "SSL_SHUTDOWN_TIMEOUT", "Connection", "LegBase"]
+__all__ = ["INTERNAL", "OUTBOUND", "PUBLIC", "SSL_SHUTDOWN_TIMEOUT", "Connection", "LegBase",
+           "remember_sni"]
+
+# Where remember_sni leaves the client's SNI on its SSLObject: Python shows a server no SNI
+# after the handshake, only to the SNI callback during it.
+SNI_ATTRIBUTE = "rendezvous_sni"
+
+
+def remember_sni(sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                 _context: ssl.SSLContext) -> None:
+    """The relay context's SNI callback with ``--domain``: keep the name the client asked for,
+    so a request whose ``Host`` names another host gets 421 (RFC 9110 §15.5.20)."""
+    setattr(sslobj, SNI_ATTRIBUTE, server_name)
 
 
 class Connection(HiddenSide, MobileSide, Relaying):
@@ -125,8 +138,13 @@ class Connection(HiddenSide, MobileSide, Relaying):
         if hub.from_address(self.address) > hub.limits.max_per_address and self.kind == PUBLIC:
             self._reject("too many connections from this address", over, status=503)
             return
-        if upgrade is not None and hub.proxy_from and self.state != PROXY:
+        challenges = hub.challenges
+        peek = (bool(hub.proxy_from) and self.state != PROXY) or (
+            challenges is not None and challenges.alpn_pending)
+        if upgrade is not None and peek:
             self.state = FIRST_BYTES
+            if self.reader.trailing:  # what came behind a PROXY header
+                self._first_bytes_in()
         elif upgrade is not None:
             self.state = HANDSHAKE
             hub.spawn(self._handshake(upgrade))
@@ -184,6 +202,29 @@ class Connection(HiddenSide, MobileSide, Relaying):
         self.transport = tls
         self.tls = True
         self.state = HEAD
+        if hub.domain:
+            sni = getattr(tls.get_extra_info("ssl_object"), SNI_ATTRIBUTE, None)
+            self.sni_name = (name_in(sni, hub.domain) or "") if sni else ""
+
+    def _first_bytes_in(self) -> None:
+        """Start the handshake once the first bytes say which context it needs: while a
+        TLS-ALPN-01 challenge is pending, the ClientHello is read whole first, and only the
+        CA's (the name's SNI, ALPN offering acme-tls/1) gets the challenge context."""
+        context = self.upgrade
+        assert context is not None
+        challenges = self.hub.challenges
+        if challenges is not None and challenges.alpn_pending:
+            try:
+                hello = clienthello.parse(self.reader.trailing, self.hub.limits.max_client_hello)
+            except ClientHelloError:
+                hello = None  # not for us to judge: OpenSSL answers it with the normal context
+            if hello is NEED_MORE:
+                return  # (bounded by the parser's limit and the head timeout)
+            if hello is not None:
+                context = challenges.context_for(hello.server_name, hello.alpn) or context
+        self.transport.pause_reading()
+        self.state = HANDSHAKE
+        self.hub.spawn(self._handshake(context))
 
     def _hand_over_early_bytes(self) -> None:
         """Give the TLS layer (start_tls has just made it the socket's protocol) the bytes
@@ -327,14 +368,11 @@ class Connection(HiddenSide, MobileSide, Relaying):
         elif state == PROXY:
             self._read_proxy_header(data)
         elif state == FIRST_BYTES:
-            if proxy.starts_with_proxy(data):
+            if not self.reader.trailing and self.hub.proxy_from and proxy.starts_with_proxy(data):
                 self._reject("PROXY header from an untrusted address", status=400)
                 return
             self.reader.receive(data)  # the ClientHello, for the TLS layer
-            self.transport.pause_reading()
-            self.state = HANDSHAKE
-            assert self.upgrade is not None
-            self.hub.spawn(self._handshake(self.upgrade))
+            self._first_bytes_in()
         elif state in (WAITING, SETTLING):
             self.reader.receive(data)
             if len(self.reader.trailing) > WAITING_BUFFER_LIMIT and not self.reading_paused:
@@ -377,10 +415,17 @@ class Connection(HiddenSide, MobileSide, Relaying):
     def _dispatch(self, head: RequestHead) -> None:
         self.named = ""
         name = self._name_of(head)
-        if name is not None:
+        decision: Park | Pair | Challenge | Refuse
+        if self.sni_name and name != self.sni_name and head.method != "CONNECT":
+            # The handshake was for one named host, the request is for another (or for the
+            # relay's own name): this connection is not authoritative for it. The client may
+            # retry on a connection of its own, and this one keeps serving its SNI's host.
+            decision = Refuse(421, DIAG_MISDIRECTED, permanent=True)
+        elif name is not None:
             self._dispatch_named(head, name)
             return
-        decision = route(head)
+        else:
+            decision = route(head)
         if isinstance(decision, Park):
             self.uuid = decision.uuid
             if self.reader.trailing:

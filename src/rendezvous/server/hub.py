@@ -21,6 +21,7 @@ Everything here runs on the event loop thread, so no locks.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from bisect import bisect_left
 from collections import Counter, deque
@@ -161,6 +162,17 @@ class Cluster(Protocol):
         another address holds it (True when the cluster cannot be asked)."""
 
 
+class TlsChallenges(Protocol):
+    """Pending TLS-ALPN-01 challenges (``server/certificates.py``'s Challenges)."""
+
+    @property
+    def alpn_pending(self) -> bool:
+        """Whether any is pending (then ClientHellos are read before the handshake)."""
+
+    def context_for(self, server_name: str | None, alpn: tuple[str, ...]) -> ssl.SSLContext | None:
+        """The challenge context for this SNI and ALPN list, or None for the normal one."""
+
+
 L = TypeVar("L", bound=Leg)
 
 # Why a park is refused though its code is right; the relay answers each with its own status.
@@ -198,6 +210,7 @@ class Hub(Generic[L]):
         # serve --proxy-protocol-from: sources whose connections begin with a PROXY header.
         self.proxy_from: tuple[IPNetwork, ...] = ()
         self.add_forwarded = False  # serve --forwarded: a Forwarded header in each head passed on
+        self.challenges: TlsChallenges | None = None  # serve --acme: TLS-ALPN-01 ones pending
         # Called with an ID whenever its pool grows or shrinks (the cluster publishes sizes).
         self.on_pool_change: Callable[[str], None] | None = None
         self.stats = Stats()

@@ -36,7 +36,8 @@ CLOSED = 6
 HANDSHAKE = 7  # public TLS: accepted and counted, its handshake (start_tls) not finished
 PROXY = 8  # from a trusted balancer: reading the PROXY header that names the real client
 # Public TLS with --proxy-protocol-from, from anyone else: the first bytes are looked at (a PROXY
-# header is refused, and logged as such) before the TLS layer gets them.
+# header is refused, and logged as such) before the TLS layer gets them; and while an ACME
+# TLS-ALPN-01 challenge is pending, the whole ClientHello is read (it picks the TLS context).
 FIRST_BYTES = 9
 
 # Where a connection came from.
@@ -103,6 +104,7 @@ class LegBase(asyncio.Protocol):
         "responses",
         "send_proxy",
         "since",
+        "sni_name",
         "state",
         "timer",
         "tls",
@@ -148,6 +150,7 @@ class LegBase(asyncio.Protocol):
         self.failures = 0  # wrong visitor passwords on this connection
         self.visitor_ok = False  # the current request passed the visitor check
         self.named = ""  # mobile: the name its Host asked for (serve --domain); "" for none
+        self.sni_name = ""  # public TLS: the name its SNI asked for (serve --domain); "" for none
         self.send_proxy = 0  # hidden: the PROXY version its CONNECT asked for (&proxy=N); 0: none
 
     def _arm_head_timer(self) -> None:
