@@ -148,11 +148,22 @@ DEFAULT_ACME_RETRY_FIRST = 60.0
 DEFAULT_ACME_RETRY_MAX = 6 * 3600.0
 # Seconds one order (validation and issuance) may take before it counts as failed.
 DEFAULT_ACME_ORDER_TIMEOUT = 120.0
+# Orders (every name's, renewals too) one relay or cluster places per hour at most: a name
+# past it waits. Let's Encrypt allows 300 new orders per account per 3 hours; a flood of new
+# names must not use them up (nor its failed-validation limit).
+DEFAULT_ACME_ORDERS_PER_HOUR = 20
+# Seconds the order lock of a cluster lasts unless its holder extends it (every third of it,
+# while the order runs): a node that dies mid-order blocks the others this long at most.
+DEFAULT_ACME_LOCK_TTL = 30.0
+# Seconds between a cluster node's full comparisons with Redis, behind pub/sub: the longest a
+# node serves an old certificate after a missed message.
+DEFAULT_ACME_SYNC_INTERVAL = 10.0
 
 
 @dataclass(frozen=True, slots=True)
 class AcmeConfig:
-    """``serve --acme``: a certificate from an ACME CA for ``names``, kept in the data dir."""
+    """``serve --acme``: a certificate from an ACME CA for ``names`` (and, with a domain, one
+    per named entry), kept in the data dir, or in the cluster's Redis with ``--cluster``."""
 
     names: tuple[str, ...]
     email: str | None = None  # the account's contact; the CA mails expiry warnings there
@@ -162,8 +173,14 @@ class AcmeConfig:
     retry_first: float = DEFAULT_ACME_RETRY_FIRST
     retry_max: float = DEFAULT_ACME_RETRY_MAX
     order_timeout: float = DEFAULT_ACME_ORDER_TIMEOUT
+    orders_per_hour: int = DEFAULT_ACME_ORDERS_PER_HOUR
+    orders_window: float = 3600.0  # the "hour" of orders_per_hour (tests shorten it)
+    lock_ttl: float = DEFAULT_ACME_LOCK_TTL
+    sync_interval: float = DEFAULT_ACME_SYNC_INTERVAL
 
     def __post_init__(self) -> None:
+        if self.orders_per_hour < 1:
+            raise ConfigError(f"orders per hour must be at least 1, not {self.orders_per_hour}")
         if not self.names:
             raise ConfigError("--acme needs at least one --public-host NAME to certify")
         if not 0 < self.renew_fraction < 1:

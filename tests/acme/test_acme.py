@@ -6,14 +6,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import shutil
 import socket
 import ssl
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +20,14 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from harness import HiddenHTTPService, ServerThread, recv_until
+from pebble_support import Pebble, run_pebble
 from requests.adapters import HTTPAdapter
 from requests.auth import HTTPDigestAuth
-from support import free_port, stop_process, tail, wait_for_port
+from support import free_port
 
 from rendezvous.config import AcmeConfig, ServerConfig, TLSConfig
 from rendezvous.server.certificates import ACME_IDENTIFIER_OID, ALPN_ACME, Challenges
-from rendezvous.tls import ensure_self_signed, generate_self_signed
+from rendezvous.tls import ensure_self_signed
 
 NAME = "relay.test"
 DER = Encoding.DER
@@ -37,52 +36,10 @@ pytestmark = pytest.mark.skipif(shutil.which("pebble") is None,
                                 reason="Debian's pebble package is not installed")
 
 
-@dataclass
-class Pebble:
-    directory: str
-    ca_bundle: Path  # pebble's own HTTPS certificate (the directory's)
-    root_pem: str  # the root pebble signs issued certificates with
-    tls_port: int  # where pebble validates TLS-ALPN-01: the relay's port
-
-
 @pytest.fixture
 def pebble(tmp_path: Path) -> Iterator[Pebble]:
-    folder = tmp_path / "pebble"
-    folder.mkdir()
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    generate_self_signed(["localhost", "127.0.0.1"], cert, key)
-    port, management, dns, dns_management = (free_port() for _ in range(4))
-    tls_port = free_port()
-    config = folder / "pebble.json"
-    config.write_text(json.dumps({"pebble": {
-        "listenAddress": f"127.0.0.1:{port}",
-        "managementListenAddress": f"127.0.0.1:{management}",
-        "certificate": str(cert), "privateKey": str(key),
-        "httpPort": free_port(), "tlsPort": tls_port,
-        "ocspResponderURL": "", "externalAccountBindingRequired": False,
-    }}))
-    env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
-    logs = [(folder / "dns.log").open("wb"), (folder / "pebble.log").open("wb")]
-    dns_proc = subprocess.Popen(
-        ["pebble-challtestsrv", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
-         "-dns01", f"127.0.0.1:{dns}", "-http01", "", "-https01", "", "-tlsalpn01", "",
-         "-management", f"127.0.0.1:{dns_management}"], stdout=logs[0], stderr=subprocess.STDOUT)
-    proc = subprocess.Popen(["pebble", "-config", str(config), "-dnsserver", f"127.0.0.1:{dns}"],
-                            env=env, stdout=logs[1], stderr=subprocess.STDOUT)
-    try:
-        wait_for_port("127.0.0.1", port, timeout=10)
-        wait_for_port("127.0.0.1", management, timeout=10)
-        root = requests.get(f"https://127.0.0.1:{management}/roots/0", verify=str(cert),
-                            timeout=5).text
-        yield Pebble(f"https://127.0.0.1:{port}/dir", cert, root, tls_port)
-    except BaseException:
-        print(tail(folder / "pebble.log"))
-        raise
-    finally:
-        stop_process(proc)
-        stop_process(dns_proc)
-        for f in logs:
-            f.close()
+    yield from run_pebble(tmp_path)
+
 
 
 class AcmeServer(ServerThread):
@@ -220,6 +177,7 @@ def test_tls_alpn_certificate_curl_requests_renewal_and_restart(pebble: Pebble,
         time.sleep(0.5)
         assert again.server.certificates is not None
         assert again.server.certificates.orders == 0
+        assert pebble.orders() == 2  # the first order and the forced renewal
     finally:
         again.stop()
 

@@ -5,7 +5,6 @@
     GET  /provisioning.json?id=ID, /qr.svg?id=ID, /visitor-qr.svg?id=ID (its visitor URL)
     GET  /confirm?action=rotate|remove&id=ID    then POST /rotate or /remove
     POST /create              label, name, step, digits, visitor_password
-    POST /rename              id, name ("" takes the name away)
     GET  /api/status          live numbers (JSON), polled by the page every 2 s
     GET|POST /login, POST /logout
     GET  /metrics, /healthz, /readyz
@@ -184,7 +183,6 @@ async def entry_page(request: web.Request) -> web.Response:
         document=json.dumps(document, indent=2),
         qr_fits=qr_fits,
         just_made=request.query.get("new") == "1",
-        domain=state.config.domain,
     )
 
 
@@ -323,36 +321,6 @@ async def rotate(request: web.Request) -> web.StreamResponse:
                           "parked with it are closed. Give the hidden server this new "
                           "provisioning file.")
     raise web.HTTPSeeOther(str(URL.build(path="/entry", query={"id": uuid, "new": "1"})))
-
-
-@routes.post("/rename")
-async def rename(request: web.Request) -> web.StreamResponse:
-    """Give an entry a (new) name, or take it away; a bad or taken name is said on its page
-    and changes nothing."""
-    state = _state(request)
-    uuid = await _form_id(request)
-    form = await request.post()
-    session = get_session(request)
-    back = str(URL.build(path="/entry", query={"id": uuid}))
-    registry = state.registry
-    try:
-        change = registrar.renaming(uuid, str(form.get("name") or ""))
-        entry = await _registry_call(request, lambda: change(registry))
-    except UnknownEntry:
-        raise web.HTTPNotFound(text=f"no hidden server with ID {uuid!r}\n") from None
-    except (ConfigError, DuplicateName) as exc:
-        _flash(session, "error", f"Not renamed: {exc}.")
-        raise web.HTTPSeeOther(back) from None
-    logs.event("admin renamed", id=uuid, name=entry.name or "-", by=_peer(request))
-    url = state.visitor_url(entry.name)
-    if not entry.name:
-        text = "Name taken away: visitors reach it the original's way only."
-    elif url:
-        text = f"Named {entry.name}: visitors open {url}"
-    else:
-        text = f"Named {entry.name} (start the relay with --domain for its visitor URL)."
-    _flash(session, "ok", text)
-    raise web.HTTPSeeOther(back)
 
 
 @routes.post("/remove")

@@ -26,6 +26,8 @@ from rendezvous.cli.options import (
     store_options,
 )
 from rendezvous.config import (
+    DEFAULT_ACME_LOCK_TTL,
+    DEFAULT_ACME_ORDERS_PER_HOUR,
     DEFAULT_ADMIN_HOST,
     DEFAULT_ADMIN_PORT,
     DEFAULT_CLUSTER_TTL,
@@ -115,7 +117,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
         metavar="DOMAIN",
         help="serve named hidden servers: https://NAME.DOMAIN/ reaches the entry named NAME "
         "('users add --name'), with no credentials; needs a wildcard DNS record *.DOMAIN "
-        "pointing here and a certificate for *.DOMAIN (--cert) (default: none)",
+        "pointing here and a certificate for *.DOMAIN (--cert), or --acme, which orders one "
+        "per name (default: none)",
     )
     tls.add_argument(
         "--proxy-protocol-from",
@@ -141,7 +144,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
         "ACME",
         "A trusted certificate for every --public-host name from an ACME CA (Let's Encrypt by\n"
         "default), validated by TLS-ALPN-01 on this listener (the CA connects to port 443)\n"
-        "and renewed at two thirds of its lifetime; kept in DIR/acme/.")
+        "and renewed at two thirds of its lifetime; kept in DIR/acme/ (with --cluster: in the\n"
+        "cluster's Redis, one node ordering at a time, every node serving the result). With\n"
+        "--domain D, also one certificate per named entry (NAME.D), ordered when the name is\n"
+        "created (never for a name no entry has) and dropped when it goes.")
     acme.add_argument("--acme", action="store_true",
                       help="order and renew the certificate from an ACME CA")
     acme.add_argument("--acme-email", metavar="ADDRESS",
@@ -150,6 +156,15 @@ def add_options(p: argparse.ArgumentParser) -> None:
                       help="the CA's directory URL (default: Let's Encrypt's production one)")
     acme.add_argument("--acme-ca-bundle", metavar="FILE", type=Path,
                       help="trust this CA file when talking to the directory (a private CA)")
+    acme.add_argument("--acme-orders-per-hour", metavar="N", type=int_in(1),
+                      default=DEFAULT_ACME_ORDERS_PER_HOUR,
+                      help="orders (new names, renewals) per hour at most, for the whole "
+                      "cluster; names past it wait their turn (default: %(default)s; Let's "
+                      "Encrypt allows 300 per 3 hours)")
+    acme.add_argument("--acme-lock-ttl", metavar="SECONDS", type=seconds(allow_zero=False),
+                      default=DEFAULT_ACME_LOCK_TTL,
+                      help="with --cluster: how long the order lock of a node that died "
+                      "mid-order blocks the others (default: %(default)s)")
     public = p.add_argument_group(
         "public address",
         "What provisioning files tell hidden servers (recorded in DIR/relay.json at start).",
@@ -461,7 +476,8 @@ def _acme_config(args: argparse.Namespace) -> AcmeConfig | None:
         raise ConfigError(f"--acme-ca-bundle: no such file: {bundle}")
     hosts = [h for h in args.public_host if not _is_address(h)]
     return AcmeConfig(names=tuple(dict.fromkeys(h.lower() for h in hosts)),
-                      email=args.acme_email, directory=args.acme_directory, ca_bundle=bundle)
+                      email=args.acme_email, directory=args.acme_directory, ca_bundle=bundle,
+                      orders_per_hour=args.acme_orders_per_hour, lock_ttl=args.acme_lock_ttl)
 
 
 def _is_address(host: str) -> bool:
@@ -478,12 +494,12 @@ def _tls_config(args: argparse.Namespace, found: Store,
     key: Path | None = args.key
     if args.no_tls:
         return None
-    if acme is not None:
-        from rendezvous.server.certificates import CertificateManager, Challenges
+    if acme is not None and args.cluster is None:  # (a cluster's is in its Redis)
+        from rendezvous.server.certificates import stored_main_files
 
-        manager = CertificateManager(acme, found.data_dir, Challenges(), lambda _c, _k: None)
-        if manager.stored() is not None:
-            return TLSConfig(cert_file=manager.cert_path, key_file=manager.key_path)
+        stored = stored_main_files(acme, found.data_dir)
+        if stored is not None:
+            return TLSConfig(cert_file=stored[0], key_file=stored[1])
         err("warning: no certificate from the ACME CA yet: serving a self-signed one until the "
             "order succeeds (clients will warn until then)")
     if cert is not None and key is not None:
@@ -547,7 +563,7 @@ def server_config(args: argparse.Namespace,
         server_ssl_context(tls)  # a bad pair fails here, with its file names, before the banner
     relay = registrar.own_address(found, tls, host=args.server_host, port=args.server_port,
                                   public_hosts=args.public_host)
-    domain = _domain(args.domain, tls)
+    domain = _domain(args.domain, None if acme is not None else tls)  # ACME: one per name
     if acme is not None:
         # Provisioning files trust the system's CAs: the self-signed stopgap is soon replaced.
         relay = replace(relay, ca_pem=None)

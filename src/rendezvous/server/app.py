@@ -26,7 +26,7 @@ from rendezvous.tls import server_ssl_context
 
 if TYPE_CHECKING:
     from rendezvous.admin import AdminSite
-    from rendezvous.server.certificates import CertificateManager, Challenges
+    from rendezvous.server.certificates import Certificate, CertificateManager, Challenges
     from rendezvous.server.cluster import ClusterMember
     from rendezvous.server.local import LocalRecords
 
@@ -56,7 +56,7 @@ class RendezvousServer:
         self.ssl_context: ssl.SSLContext | None = (
             server_ssl_context(config.tls) if config.tls is not None else None
         )
-        # The pair SIGHUP reloads: config.tls, or the ACME certificate once there is one.
+        # The pair SIGHUP reloads: config.tls; None once an ACME certificate is in use.
         self.tls_files = config.tls
         self.certificates: CertificateManager | None = None  # with config.acme
 
@@ -126,22 +126,31 @@ class RendezvousServer:
             await self._start_admin()
 
     def _start_acme(self) -> Challenges:
-        """Keep an ACME certificate current: the stored one at once if it is valid, else the
-        self-signed one until the order is in; the challenges the listeners answer."""
-        from rendezvous.server.certificates import CertificateManager, Challenges
+        """Keep ACME certificates current: the stored main one at once if it is valid, else the
+        self-signed one until the order is in; with --domain, one per named entry too (served
+        by SNI). With --cluster they live in its Redis. Returns the challenges the listeners
+        answer."""
+        from rendezvous.server.certificates import (
+            CertificateManager,
+            Challenges,
+            NamedContexts,
+            open_store,
+        )
 
         config = self.config
         assert config.acme is not None
         if self.ssl_context is None or config.data_dir is None:
             raise ConfigError("--acme needs TLS and a data folder")
         challenges = Challenges()
-        manager = CertificateManager(config.acme, config.data_dir, challenges, self.use_certificate)
-        if manager.stored() is not None:
-            self.use_certificate(manager.cert_path, manager.key_path)
-        else:
+        named = NamedContexts(also=self.ssl_context.sni_callback)  # (remember_sni, with --domain)
+        self.ssl_context.sni_callback = named.sni_callback
+        node = config.cluster.node_id if config.cluster is not None else "relay"
+        manager = CertificateManager(config.acme, open_store(config.data_dir, config.cluster),
+                                     challenges, self.use_certificate_pem, node=node, named=named)
+        if not manager.install_stored():
             logs.event("no certificate from the CA yet: serving the self-signed one until the "
                        "order succeeds", level=logging.WARNING, names=",".join(config.acme.names))
-        manager.start()
+        manager.start(self.registry, config.domain, config.limits.registry_poll)
         self.certificates = manager
         return challenges
 
@@ -150,6 +159,15 @@ class RendezvousServer:
         paired, keep theirs); SIGHUP reloads it from then on."""
         self.tls_files = TLSConfig(cert_file=cert_file, key_file=key_file)
         self.reload_tls()
+
+    def use_certificate_pem(self, certificate: Certificate) -> None:
+        """Present an ACME certificate to new handshakes from now on (established connections
+        keep theirs); SIGHUP keeps it (the certificate manager replaces it when due)."""
+        from rendezvous.server.certificates import load_certificate
+
+        assert self.ssl_context is not None
+        load_certificate(self.ssl_context, certificate)
+        self.tls_files = None
 
     async def _join_cluster(self, hub: Hub[LegBase], cluster: ClusterConfig) -> None:
         """Open the internal listener and register this node in the cluster's Redis (its
@@ -235,6 +253,10 @@ class RendezvousServer:
         fails to load is reported and the old one stays in use.
         """
         tls = self.tls_files
+        if tls is None and self.certificates is not None:
+            if not quiet:
+                logs.event("reload: the ACME certificate stays (renewed when due)")
+            return "kept (ACME)"
         if tls is None or self.ssl_context is None:
             if not quiet:
                 logs.event("reload ignored: no TLS")

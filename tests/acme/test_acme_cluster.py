@@ -1,0 +1,182 @@
+"""serve --acme --cluster: account, certificates and pending challenges in the cluster's Redis;
+one node orders (under the lock), the others answer its challenges and serve its certificate.
+
+pebble validates TLS-ALPN-01 at node A's port only, while node B orders: B's challenge must be
+answered by A. Each node is a relay with its own event loop (and its own data folder, which
+must stay free of certificates) on a real redis-server.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from harness import ServerThread
+from pebble_support import Pebble, fingerprint, run_pebble
+from support import free_port
+
+from rendezvous.config import AcmeConfig, ClusterConfig, Limits, ServerConfig
+from rendezvous.registry import Entry, new_secret
+from rendezvous.server.certificates import CertificateManager
+from rendezvous.server.certstore import REDIS_PREFIX
+from rendezvous.tls import ensure_self_signed
+
+DOMAIN = "relay.test"
+CLUSTER_KEY = "acme-cluster-key-0123456789"
+LOCK = REDIS_PREFIX + "lock"
+
+
+@pytest.fixture
+def pebble(tmp_path: Path) -> Iterator[Pebble]:
+    yield from run_pebble(tmp_path)
+
+
+
+class Node(ServerThread):
+    """One relay node; clients trust pebble's root."""
+
+    root_pem = ""
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cadata=self.root_pem)
+
+    def connect(self, timeout: float = 5.0, source: str | None = None) -> socket.socket:
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        return self.client_context().wrap_socket(raw, server_hostname=DOMAIN)
+
+    def state(self, read: Callable[[CertificateManager], Any]) -> Any:
+        manager = self.server.certificates
+        assert manager is not None
+        return self.sync(lambda: read(manager))
+
+    def served(self, host: str = DOMAIN) -> bytes:
+        """The certificate a real handshake for ``host`` gets, checked against pebble's root."""
+        return fingerprint(self.port, host, self.root_pem)
+
+    def trusted(self, host: str = DOMAIN) -> bool:
+        try:
+            self.served(host)
+        except ssl.SSLCertVerificationError:
+            return False
+        return True
+
+
+@pytest.fixture
+def cluster_url(redis_url: str) -> Iterator[str]:
+    url = redis_url.rsplit("/", 1)[0] + "/3"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+def start_node(pebble: Pebble, tmp_path: Path, name: str, port: int, registry_url: str,
+               cluster_url: str) -> Node:
+    data_dir = tmp_path / name
+    data_dir.mkdir(exist_ok=True)
+    config = ServerConfig(
+        host="127.0.0.1", port=port, registry_url=registry_url, data_dir=data_dir,
+        tls=ensure_self_signed(data_dir, [DOMAIN]), domain=DOMAIN,
+        limits=replace(Limits(), registry_poll=0.2),
+        cluster=ClusterConfig(redis_url=cluster_url, node_id=name, internal_host="127.0.0.1",
+                              internal_port=0, cluster_key=CLUSTER_KEY, ttl=1.5),
+        acme=AcmeConfig(names=(DOMAIN,), directory=pebble.directory, ca_bundle=pebble.ca_bundle,
+                        retry_first=1.0, order_timeout=20.0, sync_interval=1.0, lock_ttl=6.0))
+    Node.root_pem = pebble.root_pem
+    return Node(config)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_one_node_orders_every_node_answers_and_serves(pebble: Pebble, tmp_path: Path,
+                                                       redis_registry_url: str,
+                                                       cluster_url: str) -> None:
+    shared = redis.Redis.from_url(cluster_url)
+    # As if B had died mid-order: A must wait; B, restarted, takes its lock back and orders.
+    shared.set(LOCK, "B", px=60_000)
+    b_port = free_port()
+    a = start_node(pebble, tmp_path, "A", pebble.tls_port, redis_registry_url, cluster_url)
+    b: Node | None = None
+    try:
+        time.sleep(0.5)
+        assert not a.trusted() and a.state(lambda m: m.orders) == 0
+        b = start_node(pebble, tmp_path, "B", b_port, redis_registry_url, cluster_url)
+        wait_for(lambda: a.trusted() and b is not None and b.trusted(), "both certificates")
+        assert a.served() == b.served()
+        assert b.state(lambda m: m.ordered) == ["main"]
+        assert a.state(lambda m: m.ordered) == []
+        assert pebble.orders() == 1 and pebble.accounts() == 1  # one order, one account
+        assert shared.zcard(REDIS_PREFIX + "orders") == 1  # (the cluster's order log)
+        assert shared.get(LOCK) is None  # released after the order
+        for node in "AB":  # nothing on disk: the cluster keeps it all in Redis
+            assert not (tmp_path / node / "acme").exists()
+
+        # A named entry: one node orders its certificate, both serve it.
+        hub = Entry(uuid=f"acme-cluster-{time.monotonic_ns()}", base32=new_secret(), name="hub")
+        a.call(a.registry.add(hub))
+        wait_for(lambda: a.trusted(f"hub.{DOMAIN}") and b is not None
+                 and b.trusted(f"hub.{DOMAIN}"), "both nodes' hub certificates")
+        assert a.served(f"hub.{DOMAIN}") == b.served(f"hub.{DOMAIN}")
+        ordered = a.state(lambda m: m.ordered) + b.state(lambda m: m.ordered)
+        assert sorted(ordered) == [f"hub.{DOMAIN}", "main"]
+        assert pebble.orders() == 2
+        main, named = a.served(), a.served(f"hub.{DOMAIN}")
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
+
+    # Restarting orders nothing: Redis holds valid certificates.
+    a = start_node(pebble, tmp_path, "A", pebble.tls_port, redis_registry_url, cluster_url)
+    b = start_node(pebble, tmp_path, "B", b_port, redis_registry_url, cluster_url)
+    try:
+        for node in (a, b):
+            assert node.served() == main
+            wait_for(lambda node=node: node.trusted(f"hub.{DOMAIN}"),
+                     "hub after the restart")
+            assert node.served(f"hub.{DOMAIN}") == named
+        time.sleep(1.0)
+        assert a.state(lambda m: m.orders) == b.state(lambda m: m.orders) == 0
+        assert pebble.orders() == 2
+
+        # The name removed: both nodes drop its certificate, and so does Redis.
+        a.call(a.registry.remove(hub.uuid))
+        wait_for(lambda: not (a.trusted(f"hub.{DOMAIN}") or b.trusted(f"hub.{DOMAIN}")),
+                 "hub's certificate dropped on both nodes")
+        for node in (a, b):  # now the main certificate, unverified for that name
+            assert fingerprint(node.port, f"hub.{DOMAIN}") == main
+        wait_for(lambda: shared.exists(REDIS_PREFIX + f"cert:hub.{DOMAIN}") == 0,
+                 "hub's certificate gone from Redis")
+    finally:
+        a.stop()
+        b.stop()
+        shared.close()
+
+
+def test_a_lock_left_by_a_dead_node_expires(pebble: Pebble, tmp_path: Path,
+                                            redis_registry_url: str, cluster_url: str) -> None:
+    shared = redis.Redis.from_url(cluster_url)
+    shared.set(LOCK, "gone", px=2_500)  # its holder died mid-order
+    started = time.monotonic()
+    a = start_node(pebble, tmp_path, "A", pebble.tls_port, redis_registry_url, cluster_url)
+    try:
+        wait_for(a.trusted, "the certificate")
+        assert time.monotonic() - started >= 2.5
+        assert a.state(lambda m: m.ordered) == ["main"]
+    finally:
+        a.stop()
+        shared.close()
