@@ -1,12 +1,21 @@
 """Local pairing versus a pairing forwarded between two relay nodes, side by side.
 
-    .venv/bin/python -m bench.cluster [--cycles 300] [--mebibytes 256] [--quick]
+    .venv/bin/python -m bench.cluster [--cycles 400] [--rounds 5] [--mebibytes 256] [--quick]
 
-Starts a real redis-server and two `rendezvous serve --cluster` nodes (A and B) on loopback;
-a hidden server keeps connections parked on A. Mobile clients then connect to A (a local
-pairing) and to B (B forwards to A over the internal mutual-TLS listener), measuring the
-mobile side's full cycle latency (TLS handshake, request, response, close) and the throughput of
-one pairing. Every loop is bounded in count and time; loopback only.
+Starts a real redis-server and three `rendezvous serve --cluster` nodes on loopback: A, where a
+hidden server keeps connections parked; B, which forwards to A over its pool of established
+internal connections (``--cluster-pool``, the default); C, which forwards with no pool (a new
+internal TLS connection per client, as before the pool). Mobile clients measure the full cycle
+(TLS handshake, request, response, close) through A (local), B and C, in rounds that take turns
+(so the machine's other load falls on every path alike), then the throughput of one pairing
+and the CPU each process spent on it.
+
+Printed: p50/p99 per path; the target line of issue 15, forwarded p50 <= local p50 + 1 ms
+(PASS/MISS, both from this run); B's internal connections (opened, taken from the pool); and
+the throughput two relay hops allow here: each process (a relay node, or this bench's client
+and hidden server, one interpreter) is one loop on one core, so a path moves at most
+min(1 / its busiest process's CPU seconds per MB, cores / all its processes' CPU seconds per
+MB). Every loop is bounded in count and time; loopback only.
 """
 
 from __future__ import annotations
@@ -30,11 +39,13 @@ import redis
 
 from rendezvous.protocol.totp import current_token
 from rendezvous.registry import Entry, new_secret
+from rendezvous.server.local import ask_relay
 from rendezvous.tls import generate_self_signed
 
 CLUSTER_KEY = "bench-cluster-key-0123456789"
 PARKED = b"HTTP/1.1 200\r\n\r\n"
 DEADLINE = 300.0  # seconds: the whole run stops by then, whatever the counts
+TARGET_EXTRA_MS = 1.0  # issue 15: a forwarded pairing's p50 at most this above a local one
 
 
 def free_port() -> int:
@@ -142,39 +153,67 @@ def request(port: int, context: ssl.SSLContext, uuid: str, path: str) -> int:
         return received
 
 
-def measure(port: int, context: ssl.SSLContext, uuid: str, cycles: int, mib: int,
-            deadline: float) -> dict[str, float]:
-    latencies = []
-    for _ in range(cycles):
+def cycles(port: int, context: ssl.SSLContext, uuid: str, count: int,
+           deadline: float) -> list[float]:
+    """``count`` sequential full cycles (fewer past ``deadline``); their latencies, seconds."""
+    found = []
+    for _ in range(count):
         if time.monotonic() > deadline:
             break
         started = time.perf_counter()
         request(port, context, uuid, "/small")
-        latencies.append(time.perf_counter() - started)
-    latencies.sort()
+        found.append(time.perf_counter() - started)
+    return found
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` so far (None: this one, every thread)."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bulk(port: int, context: ssl.SSLContext, uuid: str, mib: int,
+         pids: dict[str, int | None]) -> dict[str, float]:
+    """One pairing moving ``mib`` MiB down: MB/s, and each process's CPU seconds per MB."""
     size = mib << 20
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     started = time.perf_counter()
     assert request(port, context, uuid, f"/bulk/{size}") == size
     seconds = time.perf_counter() - started
-    return {
-        "cycles": len(latencies),
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
-        "cycles_per_s": len(latencies) / sum(latencies),
-        "bulk_mb_per_s": size / seconds / 1e6,
-    }
+    found = {"mb_per_s": size / seconds / 1e6}
+    for name, pid in pids.items():
+        found[f"cpu_s_per_mb.{name}"] = (cpu_seconds(pid) - before[name]) / (size / 1e6)
+    return found
+
+
+def hop_bound(figures: dict[str, float], cores: int) -> float:
+    """The MB/s a path's processes allow on ``cores`` cores, from their CPU per MB."""
+    costs = [value for key, value in figures.items() if key.startswith("cpu_s_per_mb.")]
+    return min(1 / max(costs), cores / sum(costs))
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cycles", type=int, default=300, help="sequential cycles per path")
+    parser.add_argument("--cycles", type=int, default=400, help="sequential cycles per path")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="the cycles come in this many rounds, the paths taking turns")
     parser.add_argument("--mebibytes", type=int, default=256, help="bulk transfer size")
+    parser.add_argument("--bulk-runs", type=int, default=3,
+                        help="bulk transfers per path (the best is shown)")
     parser.add_argument("--quick", action="store_true", help="small counts (CI)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if args.quick:
-        args.cycles, args.mebibytes = 30, 16
+        args.cycles, args.rounds, args.mebibytes, args.bulk_runs = 60, 2, 16, 1
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         raise SystemExit("redis-server is needed: apt-get install redis-server")
@@ -186,6 +225,9 @@ def main() -> int:
     redis_port = free_port()
     procs = [subprocess.Popen([redis_server, "--port", str(redis_port), "--bind", "127.0.0.1",
                                "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)]
+    paths = {"local": "A", "forwarded": "B", "forwarded, no pool": "C"}
+    latencies: dict[str, list[float]] = {path: [] for path in paths}
+    throughput: dict[str, dict[str, float]] = {}
     try:
         wait_port(redis_port)
         registry_url = f"redis://127.0.0.1:{redis_port}/0"
@@ -193,27 +235,42 @@ def main() -> int:
         client = redis.Redis.from_url(registry_url)
         client.set(entry.uuid, json.dumps(entry.to_record()))
         client.close()
-        ports = {}
-        for name in "AB":
+        ports, pids = {}, {}
+        for name in "ABC":
             ports[name] = port = free_port()
-            procs.append(subprocess.Popen(
+            (work / name).mkdir()
+            pool = ["--cluster-pool", "0"] if name == "C" else []  # B, A: the default pool
+            node = subprocess.Popen(
                 [sys.executable, "-m", "rendezvous", "serve", "--host", "127.0.0.1", "--port",
                  str(port), "--cert", str(cert), "--key", str(key), "--registry", registry_url,
+                 "--data-dir", str(work / name),
                  "--cluster", f"redis://127.0.0.1:{redis_port}/1", "--node-id", name,
                  "--internal", f"127.0.0.1:{free_port()}", "--settle", "0",
-                 "--log-format", "json"],
+                 "--log-format", "json", *pool],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                env={**os.environ, "RENDEZVOUS_CLUSTER_KEY": CLUSTER_KEY}))
+                env={**os.environ, "RENDEZVOUS_CLUSTER_KEY": CLUSTER_KEY})
+            procs.append(node)
+            pids[name] = node.pid
             wait_port(port)
         hidden = Hidden(ports["A"], entry, context, pool=4)
         hidden.start()
         time.sleep(0.5)
-        results = {
-            "local (client on A)": measure(ports["A"], context, entry.uuid, args.cycles,
-                                           args.mebibytes, deadline),
-            "forwarded (client on B)": measure(ports["B"], context, entry.uuid, args.cycles,
-                                               args.mebibytes, deadline),
-        }
+        for name in paths.values():  # warm up: imports, the registry, B's pool
+            cycles(ports[name], context, entry.uuid, 5, deadline)
+        time.sleep(0.2)
+        order = list(paths)
+        for round_number in range(args.rounds):
+            for path in order if round_number % 2 == 0 else order[::-1]:
+                latencies[path] += cycles(ports[paths[path]], context, entry.uuid,
+                                          max(1, args.cycles // args.rounds), deadline)
+        for path, name in paths.items():
+            processes = {"bench (client, hidden)": None, "A": pids["A"]}
+            if name != "A":
+                processes[name] = pids[name]
+            runs = [bulk(ports[name], context, entry.uuid, args.mebibytes, processes)
+                    for _ in range(args.bulk_runs) if time.monotonic() < deadline]
+            throughput[path] = max(runs, key=lambda run: run["mb_per_s"])
+        internal = ask_relay(work / "B" / f"relay-{ports['B']}.sock").get("cluster", {})
         hidden.stop.set()
     finally:
         for proc in reversed(procs):
@@ -223,17 +280,43 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(work, ignore_errors=True)
-    local, forwarded = results.values()
-    print(f"{'':26}{'p50 ms':>9}{'p99 ms':>9}{'cycles/s':>10}{'MB/s':>9}")
-    for name, figures in results.items():
-        print(f"{name:26}{figures['p50_ms']:9.2f}{figures['p99_ms']:9.2f}"
-              f"{figures['cycles_per_s']:10.1f}{figures['bulk_mb_per_s']:9.0f}")
-    print(f"{'forwarded / local':26}{forwarded['p50_ms'] / local['p50_ms']:9.2f}"
-          f"{forwarded['p99_ms'] / local['p99_ms']:9.2f}"
-          f"{forwarded['cycles_per_s'] / local['cycles_per_s']:10.2f}"
-          f"{forwarded['bulk_mb_per_s'] / local['bulk_mb_per_s']:9.2f}")
+    cores = os.cpu_count() or 1
+    results: dict[str, dict[str, float]] = {}
+    for path, values in latencies.items():
+        figures = throughput[path]
+        results[path] = {
+            "cycles": len(values),
+            "p50_ms": statistics.median(values) * 1000,
+            "p99_ms": percentile(values, 0.99) * 1000,
+            "cycles_per_s": len(values) / sum(values),
+            "bulk_mb_per_s": figures["mb_per_s"],
+            "bulk_bound_mb_per_s": hop_bound(figures, cores),
+            **{key: value for key, value in figures.items() if key.startswith("cpu_")},
+        }
+    print(f"{'':22}{'p50 ms':>8}{'p99 ms':>8}{'cycles/s':>10}{'MB/s':>7}{'bound':>7}"
+          f"{'CPU ms/MB':>11}")
+    for path, figures in results.items():
+        costs = " + ".join(f"{value * 1000:.2f}" for key, value in figures.items()
+                           if key.startswith("cpu_s_per_mb."))
+        print(f"{path:22}{figures['p50_ms']:8.2f}{figures['p99_ms']:8.2f}"
+              f"{figures['cycles_per_s']:10.1f}{figures['bulk_mb_per_s']:7.0f}"
+              f"{figures['bulk_bound_mb_per_s']:7.0f}  {costs}")
+    local, forwarded = results["local"], results["forwarded"]
+    extra = forwarded["p50_ms"] - local["p50_ms"]
+    verdict = "PASS" if extra <= TARGET_EXTRA_MS else "MISS"
+    print(f"target: forwarded p50 <= local p50 + {TARGET_EXTRA_MS:g} ms: "
+          f"{forwarded['p50_ms']:.2f} vs {local['p50_ms']:.2f} + {TARGET_EXTRA_MS:g} "
+          f"(+{extra:.2f} ms) {verdict}")
+    print(f"forwarded throughput: {forwarded['bulk_mb_per_s']:.0f} MB/s of the "
+          f"{forwarded['bulk_bound_mb_per_s']:.0f} MB/s its processes' CPU allows on {cores} "
+          f"cores (local: {local['bulk_mb_per_s']:.0f} of {local['bulk_bound_mb_per_s']:.0f})")
+    opened, reused = internal.get("internal_opened", 0), internal.get("internal_reused", 0)
+    print(f"B's internal connections: {opened} opened, {reused} clients sent on a pooled one, "
+          f"{internal.get('internal_idle', 0)} idle now")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps({"paths": results, "target_extra_ms": TARGET_EXTRA_MS,
+                                         "extra_ms": extra, "verdict": verdict,
+                                         "cores": cores, "internal": internal}, indent=2))
     return 0
 
 

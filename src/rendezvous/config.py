@@ -188,6 +188,12 @@ class AcmeConfig:
 
 
 DEFAULT_CLUSTER_TTL = 6.0  # seconds a relay node stays listed in Redis without a heartbeat
+# Internal connections kept open and idle, ready, to each other node: a forwarded client then
+# waits for no TCP and TLS handshake. A few cover bursts; each costs a descriptor on both nodes.
+DEFAULT_CLUSTER_POOL = 4
+# An idle pooled internal connection is closed after this long: a peer that vanished without a
+# FIN (a partition) costs at most this, and a quiet cluster keeps no connections.
+DEFAULT_CLUSTER_POOL_IDLE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +207,8 @@ class ClusterConfig:
     cluster_key: str = field(repr=False)
     advertise: str | None = None  # host:port other nodes dial; default the internal address
     ttl: float = DEFAULT_CLUSTER_TTL
+    pool: int = DEFAULT_CLUSTER_POOL  # idle internal connections kept per other node; 0: none
+    pool_idle: float = DEFAULT_CLUSTER_POOL_IDLE  # seconds one may wait idle in the pool
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,7 @@ class Node:
     cluster_url: str
     proc: subprocess.Popen[bytes] | None = None
     sockets: list[ssl.SSLSocket] = field(default_factory=list)
+    extra: tuple[str, ...] = ()  # more `serve` flags
 
     def start(self, data_dir: Path) -> None:
         with self.log.open("ab") as sink:
@@ -62,7 +63,7 @@ class Node:
                  str(self.port), "--data-dir", str(data_dir), "--registry", self.redis_url,
                  "--cluster", self.cluster_url, "--node-id", self.name, "--internal",
                  f"127.0.0.1:{self.internal}", "--cluster-ttl", str(TTL), "--settle", "0",
-                 "--pair-wait", "2"],
+                 "--pair-wait", "2", *self.extra],
                 stdout=sink, stderr=subprocess.STDOUT,
                 env={**os.environ, "RENDEZVOUS_CLUSTER_KEY": CLUSTER_KEY})
         wait_for_port("127.0.0.1", self.port, 20, self.proc)
@@ -107,8 +108,10 @@ class Node:
 
 
 @contextlib.contextmanager
-def running_nodes(tmp_path: Path, redis_url: str, names: str) -> Iterator[dict[str, Node]]:
-    """One `serve --cluster` process per letter of ``names``, on empty Redis databases."""
+def running_nodes(tmp_path: Path, redis_url: str, names: str,
+                  extra: tuple[str, ...] = ()) -> Iterator[dict[str, Node]]:
+    """One `serve --cluster` process per letter of ``names``, on empty Redis databases; each
+    gets the `serve` flags ``extra`` too."""
     cluster_url = redis_url.rsplit("/", 1)[0] + "/1"
     flush_redis(redis_url)
     flush_redis(cluster_url)
@@ -116,7 +119,8 @@ def running_nodes(tmp_path: Path, redis_url: str, names: str) -> Iterator[dict[s
     data_dir.mkdir()
     tls = make_certificate(data_dir)  # every node serves the same certificate
     found = {name: Node(name, free_port(), free_port(), tls.cert_file,
-                        tmp_path / f"{name}.log", redis_url, cluster_url) for name in names}
+                        tmp_path / f"{name}.log", redis_url, cluster_url, extra=extra)
+             for name in names}
     try:
         for node in found.values():
             node.start(data_dir)

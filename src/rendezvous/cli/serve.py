@@ -30,6 +30,8 @@ from rendezvous.config import (
     DEFAULT_ACME_ORDERS_PER_HOUR,
     DEFAULT_ADMIN_HOST,
     DEFAULT_ADMIN_PORT,
+    DEFAULT_CLUSTER_POOL,
+    DEFAULT_CLUSTER_POOL_IDLE,
     DEFAULT_CLUSTER_TTL,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEAD_TIMEOUT,
@@ -407,6 +409,15 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
                          default=DEFAULT_CLUSTER_TTL,
                          help="a node that stops heartbeating is forgotten after this long "
                               "(default: %(default)s)")
+    cluster.add_argument("--cluster-pool", metavar="N", type=int_in(0),
+                         default=DEFAULT_CLUSTER_POOL,
+                         help="internal connections kept open, idle, to each other node, so a "
+                              "forwarded client waits for no handshake; 0: open one per client "
+                              "(default: %(default)s)")
+    cluster.add_argument("--cluster-pool-idle", metavar="SECONDS",
+                         type=seconds(allow_zero=False), default=DEFAULT_CLUSTER_POOL_IDLE,
+                         help="an unused pooled internal connection is closed after this long; "
+                              "the same on every node (default: %(default)s)")
 
 
 def _cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
@@ -427,7 +438,8 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
         advertise = "{}:{}".format(*address(advertise, "--advertise", host_port(None, None)))
     return ClusterConfig(redis_url=args.cluster, node_id=args.node_id or socket.gethostname(),
                          internal_host=host, internal_port=port, cluster_key=args.cluster_key,
-                         advertise=advertise, ttl=args.cluster_ttl)
+                         advertise=advertise, ttl=args.cluster_ttl, pool=args.cluster_pool,
+                         pool_idle=args.cluster_pool_idle)
 
 
 def _add_admin_page(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,12 @@ crosses at most one hop.
 The internal listener speaks mutual TLS whose only trust anchor is a certificate derived from the
 cluster key: only nodes holding the key can connect, or be connected to.
 
+An internal connection carries one client (a pairing ends with a close, as on the public side), so
+each forwarded client costs one handshake; :class:`InternalPools` does it ahead of time. Each node
+keeps up to ``pool`` established connections idle towards every node it forwards to, refilled in
+the background after each use, taken newest first, closed after ``pool_idle`` unused, and checked
+(open, TCP established, nothing read) right before a client's bytes are written to one.
+
 This module is imported only by a relay started with ``--cluster`` (it pulls in ``redis`` and
 ``cryptography``). It knows nothing of the hub or of connections: the member is given callables
 (read a pool's size, list the pooled IDs, run a job) and offers ``locate`` and ``dial``, the
@@ -31,11 +37,15 @@ import contextlib
 import datetime
 import hashlib
 import logging
+import socket
 import ssl
 import tempfile
+import weakref
+from collections import Counter
 from collections.abc import Callable, Collection, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import redis.asyncio as aioredis
 from cryptography import x509
@@ -53,6 +63,10 @@ KEY_PREFIX = "rendezvous:"
 FLUSH_INTERVAL = 0.02  # pool changes reach Redis within this many seconds
 RESYNC_EVERY = 10  # heartbeats between full rewrites of our counts (after a Redis restart)
 CLUSTER_CERT_NAME = "rendezvous-cluster"
+TCP_ESTABLISHED = b"\x01"  # the first byte of Linux's struct tcp_info: tcpi_state
+# Why opening an internal connection fails: refused, reset, unreachable, a handshake with a node
+# that has another cluster key (or none), the handshake timeout, a malformed address.
+DIAL_ERRORS = (OSError, ssl.SSLError, TimeoutError, ValueError)
 
 # Which live nodes hold a parked connection for KEYS[1]; prunes fields of dead nodes.
 _LOCATE = """
@@ -126,12 +140,194 @@ def cluster_ssl_contexts(cluster_key: str) -> tuple[ssl.SSLContext, ssl.SSLConte
     return server, client
 
 
+@dataclass(slots=True)
+class _Pooled(Generic[P]):
+    """One established internal connection waiting, idle, in a pool."""
+
+    transport: asyncio.Transport
+    protocol: P
+    since: float  # loop time it joined the pool
+    usable: Callable[[P], bool]  # the caller's own check of its protocol (e.g. nothing read)
+
+
+class InternalPools:
+    """Established internal connections to other nodes, ready for forwarded clients.
+
+    One pool per node address (``host:port``), each holding at most ``size`` idle connections
+    plus refills under way, so a burst of clients opens its extra connections for itself and
+    none of them is kept. :meth:`get` takes the newest live one (or opens one when none is),
+    then refills the pool in the background. A connection unused for ``idle`` seconds is
+    closed; one that died meanwhile (its node went away, closed it, sent something) is dropped
+    when it is looked at, and never handed out. A node that cannot be reached has its pool
+    drained. ``open`` opens one connection: ``(address, factory) -> (transport, protocol)``.
+    """
+
+    def __init__(
+        self, open_connection: Callable[[str, Callable[[], Any]],
+                                        Coroutine[Any, Any, tuple[asyncio.Transport, Any]]],
+        *, loop: asyncio.AbstractEventLoop, size: int, idle: float,
+    ) -> None:
+        self._open = open_connection
+        self.loop = loop
+        self.size = size
+        self.idle = idle
+        self._pools: dict[str, list[_Pooled[Any]]] = {}  # per address, oldest first
+        self._filling: Counter[str] = Counter()  # refills under way, per address
+        self._failing: set[str] = set()  # addresses whose last refill failed (logged once)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.opened = 0  # internal connections opened (each one TLS handshake)
+        self.reused = 0  # forwarded clients sent on a connection from a pool
+
+    async def get(self, address: str, factory: Callable[[], P], usable: Callable[[P], bool]) -> P:
+        """A live connection to ``address``: a pooled one, else a new one (which may raise any
+        of :data:`DIAL_ERRORS`; then that node's pool is drained). ``usable(protocol)`` says
+        whether a pooled connection's protocol may still carry a client.
+
+        A pooled connection is returned without yielding to the loop after its check, so the
+        caller writes to it before anything else can happen to it."""
+        pooled = self._take(address)
+        if pooled is not None:
+            self.reused += 1
+            self._refill(address, factory, usable)
+            return cast(P, pooled.protocol)
+        try:
+            _, protocol = await self._open(address, factory)
+        except DIAL_ERRORS:
+            self.drain(address)
+            raise
+        self.opened += 1
+        self._refill(address, factory, usable)
+        return cast(P, protocol)
+
+    def idle_count(self, address: str | None = None) -> int:
+        """Live idle connections in ``address``'s pool, or in every pool."""
+        for pool_address in list(self._pools) if address is None else [address]:
+            self._prune(pool_address)
+        if address is not None:
+            return len(self._pools.get(address, ()))
+        return sum(len(pool) for pool in self._pools.values())
+
+    def drain(self, address: str) -> None:
+        """Close every idle connection to ``address`` (that node went away)."""
+        pool = self._pools.pop(address, [])
+        for pooled in pool:
+            pooled.transport.close()
+        if pool:
+            logs.event("cluster pool drained", address=address, closed=len(pool))
+
+    async def close(self) -> None:
+        """Close every idle connection and stop the refills."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for address in list(self._pools):
+            for pooled in self._pools.pop(address):
+                pooled.transport.close()
+
+    def _alive(self, pooled: _Pooled[Any], now: float) -> bool:
+        return (now - pooled.since < self.idle and not pooled.transport.is_closing()
+                and pooled.usable(pooled.protocol) and _established(pooled.transport))
+
+    def _take(self, address: str) -> _Pooled[Any] | None:
+        pool = self._pools.get(address)
+        now = self.loop.time()
+        while pool:
+            pooled = pool.pop()  # the newest: the most likely alive
+            if self._alive(pooled, now):
+                return pooled
+            pooled.transport.close()
+        return None
+
+    def _prune(self, address: str) -> None:
+        """Close and forget the connections of ``address``'s pool that are dead or expired."""
+        pool = self._pools.get(address)
+        if pool is None:
+            return
+        now = self.loop.time()
+        kept = []
+        for pooled in pool:
+            if self._alive(pooled, now):
+                kept.append(pooled)
+            else:
+                pooled.transport.close()
+        if kept:
+            self._pools[address] = kept
+        else:
+            del self._pools[address]
+
+    def _refill(self, address: str, factory: Callable[[], P], usable: Callable[[P], bool]) -> None:
+        if self._closed:
+            return
+        self._prune(address)
+        missing = self.size - len(self._pools.get(address, ())) - self._filling[address]
+        for _ in range(missing):
+            self._filling[address] += 1
+            task = self.loop.create_task(self._fill(address, factory, usable))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _fill(self, address: str, factory: Callable[[], P],
+                    usable: Callable[[P], bool]) -> None:
+        try:
+            transport, protocol = await self._open(address, factory)
+        except DIAL_ERRORS as exc:
+            if address not in self._failing:
+                self._failing.add(address)
+                logs.event("cluster pool refill failed", level=logging.WARNING,
+                           address=address, error=str(exc) or type(exc).__name__)
+            self.drain(address)
+            return
+        finally:
+            self._filling[address] -= 1
+            if self._filling[address] <= 0:
+                del self._filling[address]
+        self.opened += 1
+        self._failing.discard(address)
+        if self._closed:
+            transport.close()
+            return
+        self._pools.setdefault(address, []).append(
+            _Pooled(transport, protocol, self.loop.time(), cast(Callable[[Any], bool], usable)))
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.idle / 4, self._sweep)
+
+    def _sweep(self) -> None:
+        """Now and then while anything is pooled: close what expired or died."""
+        self._sweeper = None
+        for address in list(self._pools):
+            self._prune(address)
+        if self._pools and not self._closed:
+            self._sweeper = self.loop.call_later(self.idle / 4, self._sweep)
+
+
+def _established(transport: asyncio.BaseTransport) -> bool:
+    """Whether the kernel still sees the connection as established (no FIN or RST from the
+    peer yet, which the loop may not have read); True where this cannot be asked."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return True
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) == TCP_ESTABLISHED)
+    except OSError:
+        return False
+
+
 class ClusterMember:
     """This node's presence in the cluster: heartbeat, published counts, lookups, dialling.
 
     ``parked_count(ID)`` and ``parked_ids()`` read this node's pools; ``spawn`` runs a
     background job holding a reference to it; ``handshake_timeout`` bounds the TLS handshakes
     of internal connections, both ways. Call :meth:`pool_changed` whenever a pool changes.
+    ``internal`` holds the established connections to other nodes (:class:`InternalPools`).
     """
 
     def __init__(
@@ -158,12 +354,30 @@ class ClusterMember:
         self._heartbeat: asyncio.Task[None] | None = None
         self._listener: asyncio.Server | None = None
         self._healthy = True
+        self.internal = InternalPools(self._open, loop=loop, size=config.pool,
+                                      idle=config.pool_idle)
+        # Connections other nodes opened to us, and how to tell one idle in their pool.
+        self._accepted: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
+        self._accepted_idle: Callable[[Any], bool] = lambda _: False
+        self.accepted = 0  # internal connections other nodes opened to this one
 
-    async def start(self, protocol_factory: Any) -> None:
-        """Listen on the internal address and join the cluster."""
+    async def start(self, protocol_factory: Callable[[], P],
+                    idle: Callable[[P], bool] | None = None) -> None:
+        """Listen on the internal address and join the cluster. ``idle(protocol)`` tells an
+        accepted connection that has carried nothing yet (one waiting in the other node's
+        pool): those are closed first when this node leaves."""
         loop = self.loop
+        if idle is not None:
+            self._accepted_idle = cast(Callable[[Any], bool], idle)
+
+        def accept() -> P:
+            protocol = protocol_factory()
+            self._accepted.add(protocol)
+            self.accepted += 1
+            return protocol
+
         self._listener = await loop.create_server(
-            protocol_factory, host=self.config.internal_host, port=self.config.internal_port,
+            accept, host=self.config.internal_host, port=self.config.internal_port,
             ssl=self.server_context, ssl_handshake_timeout=self.handshake_timeout,
             reuse_address=True)
         if self.config.internal_port == 0:  # tests: learn the port picked
@@ -183,13 +397,25 @@ class ClusterMember:
             self._flush_handle.cancel()
         if self._listener is not None:
             self._listener.close()
+        await self.internal.close()
         with contextlib.suppress(RedisError, OSError):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.delete(self._node_key)
                 for uuid in self._published:
                     pipe.hdel(self._parked_key(uuid), self.config.node_id)
                 await pipe.execute()
+        # Other nodes no longer find us; what they still hold idle for us would only wait
+        # for the end of the shutdown grace: closed now, so they drop it and open elsewhere.
+        for protocol in list(self._accepted):
+            transport = getattr(protocol, "transport", None)
+            if transport is not None and self._accepted_idle(protocol):
+                transport.close()
         await self.redis.aclose()
+
+    def status(self) -> dict[str, int]:
+        """Internal connection counts, for ``rendezvous status``."""
+        return {"internal_opened": self.internal.opened, "internal_reused": self.internal.reused,
+                "internal_idle": self.internal.idle_count(), "internal_accepted": self.accepted}
 
     # Publishing ------------------------------------------------------------------------
 
@@ -278,15 +504,22 @@ class ClusterMember:
             return True
         return bool(held)
 
-    async def dial(self, address: str, factory: Callable[[], P]) -> P:
-        """Connect to the internal listener of the node at ``address`` (``host:port``) with
-        mutual TLS; the protocol ``factory`` made. OSError, ssl.SSLError, TimeoutError (after
-        ``handshake_timeout``) or ValueError (a malformed address) when it cannot."""
+    async def dial(self, address: str, factory: Callable[[], P],
+                   usable: Callable[[P], bool]) -> P:
+        """A mutual-TLS connection to the internal listener of the node at ``address``
+        (``host:port``): an established one from its pool when one is live (``usable`` checks
+        its protocol), else a new one that the protocol ``factory`` makes. OSError,
+        ssl.SSLError, TimeoutError (after ``handshake_timeout``) or ValueError (a malformed
+        address) when it cannot."""
+        return await self.internal.get(address, factory, usable)
+
+    async def _open(self, address: str,
+                    factory: Callable[[], P]) -> tuple[asyncio.Transport, P]:
         host, _, port = address.rpartition(":")
-        _, protocol = await asyncio.wait_for(self.loop.create_connection(
+        transport, protocol = await asyncio.wait_for(self.loop.create_connection(
             factory, host.strip("[]"), int(port), ssl=self.client_context,
             server_hostname=CLUSTER_CERT_NAME), timeout=self.handshake_timeout)
-        return protocol
+        return transport, protocol
 
     @staticmethod
     def _parked_key(uuid: str) -> str:

@@ -109,6 +109,8 @@ class LocalRecords:
             self._sampler = StatusSampler(self.hub)
         found = self._sampler.snapshot()
         found["listening"] = self.listening
+        if self.hub.cluster is not None:
+            found["cluster"] = self.hub.cluster.status()
         found["pid"] = os.getpid()
         found["started"] = self._started
         return found

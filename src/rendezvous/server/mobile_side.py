@@ -80,11 +80,16 @@ class MobileSide(LegBase):
         node, wins. With none yet, Redis is asked again (more and more slowly) until pair_wait
         runs out: the hidden server is often re-parking somewhere just then.
         """
-        if not await self._check_visitor_early():  # here, before any node sees a guess
+        # The first lookup runs during the visitor check (a read of Redis: no node sees the
+        # request before the check passes), saving the forwarded client one round trip.
+        located = self.hub.loop.create_task(cluster.locate(self.uuid))
+        allowed = await self._check_visitor_early()  # here, before any node sees a guess
+        found = await located
+        if not allowed:
             return
         delay = FORWARD_RETRY_FIRST
         while self.state == WAITING:
-            for node, address in await cluster.locate(self.uuid):
+            for node, address in found:
                 if self.state != WAITING:
                     return
                 if await self._forward_to(cluster, node, address):
@@ -95,18 +100,20 @@ class MobileSide(LegBase):
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 2, FORWARD_RETRY_MAX)
+            found = await cluster.locate(self.uuid) if self.state == WAITING else []
 
     async def _forward_to(self, cluster: Cluster, node: str, address: str) -> bool:
         """Connect to ``node``'s internal listener and relay this client through it."""
         hub = self.hub
         try:
-            outbound = await cluster.dial(address, lambda: type(self)(hub, OUTBOUND))
+            outbound = await cluster.dial(address, lambda: type(self)(hub, OUTBOUND),
+                                          _unused_outbound)
         except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
             logs.event("forward failed", level=logging.WARNING, id=self.uuid, node=node,
                        address=address, error=str(exc) or type(exc).__name__)
             return False
         if self.state != WAITING:  # paired here meanwhile, or gave up
-            outbound.transport.close()
+            outbound.transport.close()  # (a pooled one too: the pool refills itself)
             return True
         hub.stop_waiting(self)
         self._cancel_timer()
@@ -271,3 +278,8 @@ class MobileSide(LegBase):
         return latency
 
 
+def _unused_outbound(leg: LegBase) -> bool:
+    """Whether a connection we opened to another node, idle in the pool, may still carry a
+    client: open as far as we know, unlinked, and silent (that node sends nothing first)."""
+    return (leg.kind == OUTBOUND and leg.state == WAITING and leg.peer is None
+            and not leg.eof and not leg.reader.trailing)
