@@ -317,3 +317,15 @@ def test_cert_command(tmp_path: Path) -> None:
     missing = rendezvous("cert", "--out-dir", str(out), cwd=tmp_path)
     assert missing.code == 2
     assert "--host" in missing.err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--cluster-pool", "-1"], "argument --cluster-pool: must be at least 0, not -1"),
+    (["--cluster-pool-idle", "0"], "argument --cluster-pool-idle: must be more than 0 seconds"),
+])
+def test_cluster_pool_settings_are_checked(tmp_path: Path, flags: list[str],
+                                           message: str) -> None:
+    result = rendezvous("serve", *flags, cwd=tmp_path)
+    assert result.code == 2, result.err
+    assert "Traceback" not in result.err
+    assert message in result.err.strip().splitlines()[-1]

@@ -63,6 +63,9 @@ KEY_PREFIX = "rendezvous:"
 FLUSH_INTERVAL = 0.02  # pool changes reach Redis within this many seconds
 RESYNC_EVERY = 10  # heartbeats between full rewrites of our counts (after a Redis restart)
 CLUSTER_CERT_NAME = "rendezvous-cluster"
+# A pool is refilled this long after a connection is taken: past the exchange that took it (a
+# handshake is ~1 ms of CPU on each node, on the loop that serves that client).
+REFILL_DELAY = 0.01
 TCP_ESTABLISHED = b"\x01"  # the first byte of Linux's struct tcp_info: tcpi_state
 # Why opening an internal connection fails: refused, reset, unreachable, a handshake with a node
 # that has another cluster key (or none), the handshake timeout, a malformed address.
@@ -156,10 +159,11 @@ class InternalPools:
     One pool per node address (``host:port``), each holding at most ``size`` idle connections
     plus refills under way, so a burst of clients opens its extra connections for itself and
     none of them is kept. :meth:`get` takes the newest live one (or opens one when none is),
-    then refills the pool in the background. A connection unused for ``idle`` seconds is
-    closed; one that died meanwhile (its node went away, closed it, sent something) is dropped
-    when it is looked at, and never handed out. A node that cannot be reached has its pool
-    drained. ``open`` opens one connection: ``(address, factory) -> (transport, protocol)``.
+    then refills the pool in the background a moment later. A connection unused for ``idle``
+    seconds is closed; one that died meanwhile (its node went away, closed it, sent something)
+    is dropped when it is looked at, and never handed out. A node that cannot be reached has
+    its pool drained. ``open_connection(address, factory)`` opens one connection and returns
+    ``(transport, protocol)``.
     """
 
     def __init__(
@@ -176,6 +180,7 @@ class InternalPools:
         self._failing: set[str] = set()  # addresses whose last refill failed (logged once)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._refills: dict[str, asyncio.TimerHandle] = {}  # refills about to start
         self._closed = False
         self.opened = 0  # internal connections opened (each one TLS handshake)
         self.reused = 0  # forwarded clients sent on a connection from a pool
@@ -190,7 +195,7 @@ class InternalPools:
         pooled = self._take(address)
         if pooled is not None:
             self.reused += 1
-            self._refill(address, factory, usable)
+            self._refill_soon(address, factory, usable)
             return cast(P, pooled.protocol)
         try:
             _, protocol = await self._open(address, factory)
@@ -198,7 +203,7 @@ class InternalPools:
             self.drain(address)
             raise
         self.opened += 1
-        self._refill(address, factory, usable)
+        self._refill_soon(address, factory, usable)
         return cast(P, protocol)
 
     def idle_count(self, address: str | None = None) -> int:
@@ -223,6 +228,9 @@ class InternalPools:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        for handle in self._refills.values():
+            handle.cancel()
+        self._refills.clear()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -264,7 +272,17 @@ class InternalPools:
         else:
             del self._pools[address]
 
+    def _refill_soon(self, address: str, factory: Callable[[], P],
+                     usable: Callable[[P], bool]) -> None:
+        """Top the pool up a moment from now: after the exchange that took the connection
+        rather than during it, and one batch for the connections taken meanwhile."""
+        if self._closed or self.size == 0 or address in self._refills:
+            return
+        self._refills[address] = self.loop.call_later(REFILL_DELAY, self._refill, address,
+                                                      factory, usable)
+
     def _refill(self, address: str, factory: Callable[[], P], usable: Callable[[P], bool]) -> None:
+        self._refills.pop(address, None)
         if self._closed:
             return
         self._prune(address)
