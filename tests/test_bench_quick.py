@@ -91,3 +91,16 @@ def test_the_runs_were_clean(results: dict[str, object]) -> None:
         for by_system in details[mode]["bulk"].values():
             for system, figure in by_system.items():
                 assert figure["errors"] == 0, (mode, system, figure)
+
+
+def test_peek_bench_quick(tmp_path: Path) -> None:
+    """bench/peek.py (the cost of reading ClientHellos for ACME) runs and writes every figure."""
+    out = tmp_path / "peek.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.peek", "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = json.loads(out.read_text())
+    assert set(found["us_per_connection"]) == {"off", "idle", "pending"}
+    assert all(value > 0 for value in found["us_per_connection"].values())
+    assert found["parse_us_chromium_hello"] > 0 and found["accept_check_ns_idle"] > 0

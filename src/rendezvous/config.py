@@ -158,6 +158,12 @@ DEFAULT_ACME_LOCK_TTL = 30.0
 # Seconds between a cluster node's full comparisons with Redis, behind pub/sub: the longest a
 # node serves an old certificate after a missed message.
 DEFAULT_ACME_SYNC_INTERVAL = 10.0
+TLS_ALPN_01 = "tls-alpn-01"  # validated on the relay's own TLS port (the default)
+HTTP_01 = "http-01"  # validated on the --acme-http listener
+# The plain-HTTP listener (--acme-http) is port 80 on the open Internet: scanners all day.
+DEFAULT_ACME_HTTP_TIMEOUT = 10.0  # seconds from accept to a complete request head
+DEFAULT_ACME_HTTP_MAX_HEAD = 8 * 1024  # bytes of a head; beyond it 431 (CAs send < 1 KiB)
+DEFAULT_ACME_HTTP_MAX_CONNECTIONS = 1024  # open at once; past it a new one is closed (503)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,14 +183,30 @@ class AcmeConfig:
     orders_window: float = 3600.0  # the "hour" of orders_per_hour (tests shorten it)
     lock_ttl: float = DEFAULT_ACME_LOCK_TTL
     sync_interval: float = DEFAULT_ACME_SYNC_INTERVAL
+    challenge: str = TLS_ALPN_01  # or HTTP_01 (with --acme-http)
 
     def __post_init__(self) -> None:
         if self.orders_per_hour < 1:
             raise ConfigError(f"orders per hour must be at least 1, not {self.orders_per_hour}")
+        if self.challenge not in (TLS_ALPN_01, HTTP_01):
+            raise ConfigError(f"unknown ACME challenge type {self.challenge!r}")
         if not self.names:
             raise ConfigError("--acme needs at least one --public-host NAME to certify")
         if not 0 < self.renew_fraction < 1:
             raise ConfigError(f"renew fraction must be between 0 and 1, not {self.renew_fraction}")
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeHttpConfig:
+    """``serve --acme-http PORT``: a plain-HTTP listener answering HTTP-01 challenges and
+    redirecting every other request to ``https://`` on one of ``hosts`` (or NAME.DOMAIN)."""
+
+    port: int
+    host: str = ""  # "": the relay's --host
+    hosts: tuple[str, ...] = ()  # the --public-host names redirects may go to; first: fallback
+    timeout: float = DEFAULT_ACME_HTTP_TIMEOUT
+    max_head_size: int = DEFAULT_ACME_HTTP_MAX_HEAD
+    max_connections: int = DEFAULT_ACME_HTTP_MAX_CONNECTIONS
 
 
 DEFAULT_CLUSTER_TTL = 6.0  # seconds a relay node stays listed in Redis without a heartbeat
@@ -241,6 +263,7 @@ class ServerConfig:
     malloc_trim_interval: float = DEFAULT_MALLOC_TRIM_INTERVAL  # seconds; 0: never
     # Certificates ordered from an ACME CA (needs tls and data_dir); None: the files of tls only.
     acme: AcmeConfig | None = None
+    acme_http: AcmeHttpConfig | None = None  # the plain-HTTP listener; None: none
 
 
 # The admin page (registrar) ---------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Debian's pebble (a real ACME server) with pebble-challtestsrv as its DNS (every name
 resolves to 127.0.0.1); pebble validates TLS-ALPN-01 on ``tls_port``, where a test's relay
-listens."""
+listens, and HTTP-01 on ``http_port`` (a relay's --acme-http listener)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class Pebble:
     root_pem: str  # the root pebble signs issued certificates with
     tls_port: int  # where pebble validates TLS-ALPN-01: the relay's port
     log: Path
+    http_port: int  # where pebble validates HTTP-01: a test relay's --acme-http listener
 
     def orders(self) -> int:
         """How many new orders pebble has taken so far (from its log)."""
@@ -47,13 +48,13 @@ def run_pebble(tmp_path: Path) -> Iterator[Pebble]:
     cert, key = folder / "cert.pem", folder / "key.pem"
     generate_self_signed(["localhost", "127.0.0.1"], cert, key)
     port, management, dns, dns_management = (free_port() for _ in range(4))
-    tls_port = free_port()
+    tls_port, http_port = free_port(), free_port()
     config = folder / "pebble.json"
     config.write_text(json.dumps({"pebble": {
         "listenAddress": f"127.0.0.1:{port}",
         "managementListenAddress": f"127.0.0.1:{management}",
         "certificate": str(cert), "privateKey": str(key),
-        "httpPort": free_port(), "tlsPort": tls_port,
+        "httpPort": http_port, "tlsPort": tls_port,
         "ocspResponderURL": "", "externalAccountBindingRequired": False,
     }}))
     env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
@@ -69,7 +70,8 @@ def run_pebble(tmp_path: Path) -> Iterator[Pebble]:
         wait_for_port("127.0.0.1", management, timeout=10)
         root = requests.get(f"https://127.0.0.1:{management}/roots/0", verify=str(cert),
                             timeout=5).text
-        yield Pebble(f"https://127.0.0.1:{port}/dir", cert, root, tls_port, folder / "pebble.log")
+        yield Pebble(f"https://127.0.0.1:{port}/dir", cert, root, tls_port, folder / "pebble.log",
+                     http_port)
     except BaseException:
         print(tail(folder / "pebble.log"))
         raise

@@ -25,7 +25,14 @@ from requests.adapters import HTTPAdapter
 from requests.auth import HTTPDigestAuth
 from support import free_port
 
-from rendezvous.config import AcmeConfig, ServerConfig, TLSConfig
+from rendezvous.config import (
+    HTTP_01,
+    AcmeConfig,
+    AcmeHttpConfig,
+    ServerConfig,
+    TLSConfig,
+    parse_networks,
+)
 from rendezvous.server.certificates import ACME_IDENTIFIER_OID, ALPN_ACME, Challenges
 from rendezvous.tls import ensure_self_signed
 
@@ -205,11 +212,12 @@ def test_unreachable_directory_keeps_self_signed_and_says_what_to_fix(tmp_path: 
         server.stop()
 
 
-def bio_handshake(port: int, server_name: str, alpn: list[str],
-                  split: int | None = None) -> tuple[str | None, x509.Certificate]:
+def bio_handshake(port: int, server_name: str, alpn: list[str], split: int | None = None,
+                  prefix: bytes = b"") -> tuple[str | None, x509.Certificate]:
     """A TLS handshake through memory BIOs over a plain socket, so its ClientHello can be sent
-    in two TCP segments (``split`` bytes first, the rest 50 ms later); returns the ALPN
-    protocol chosen and the certificate presented."""
+    in two TCP segments (``split`` bytes first, the rest 50 ms later) and after ``prefix`` (a
+    PROXY header) in the same one; returns the ALPN protocol chosen and the certificate
+    presented."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -226,6 +234,8 @@ def bio_handshake(port: int, server_name: str, alpn: list[str],
             except ssl.SSLWantReadError:
                 pass
             out = outgoing.read()
+            if first:
+                out = prefix + out
             if first and split is not None:
                 raw.sendall(out[:split])
                 time.sleep(0.05)
@@ -289,5 +299,120 @@ def test_pending_challenge_is_only_for_acme_tls_handshakes(pebble: Pebble, tmp_p
         server.sync(challenges.remove, NAME)
         chosen, cert = bio_handshake(server.port, NAME, ["acme-tls/1", "http/1.1"])
         assert chosen is None and cert.public_bytes(DER) == real
+    finally:
+        server.stop()
+
+
+def _plain_request(port: int, head: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``head`` to the plain-HTTP listener and read its whole answer (it closes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
+
+
+def _location(answer: bytes) -> str:
+    for line in answer.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.lower() == b"location":
+            return value.strip().decode()
+    raise AssertionError(f"no Location in {answer!r}")
+
+
+def test_http01_certificate_redirects_to_https_and_is_no_open_redirect(
+        pebble: Pebble, tmp_path: Path) -> None:
+    """--acme-http: pebble validates HTTP-01 on the relay's plain-HTTP listener (nothing
+    answers TLS-ALPN-01: the relay's TLS port is not pebble's), curl http:// is sent to https://
+    with 308, hostile Hosts go to the relay's own name, unknown tokens get 404, limits hold."""
+    data_dir = tmp_path / "data"
+    root = tmp_path / "pebble-root.pem"
+    root.write_text(pebble.root_pem)
+    config = ServerConfig(
+        host="127.0.0.1", port=0, registry_url="memory://", data_dir=data_dir,
+        tls=_self_signed(data_dir), domain=NAME,
+        acme=AcmeConfig(names=(NAME,), directory=pebble.directory, ca_bundle=pebble.ca_bundle,
+                        retry_first=1.0, order_timeout=20.0, challenge=HTTP_01),
+        acme_http=AcmeHttpConfig(port=pebble.http_port, host="127.0.0.1", hosts=(NAME,),
+                                 timeout=0.5, max_head_size=2048, max_connections=6))
+    AcmeServer.root_pem = pebble.root_pem
+    server = AcmeServer(config)
+    http_port = pebble.http_port
+    try:
+        wait_issued(server)
+        listener = server.server.plain_http
+        assert listener is not None and listener.answered >= 1  # validated by HTTP-01
+
+        def curl(*args: str) -> str:
+            out = subprocess.run(
+                ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
+                 "--cacert", str(root), "--resolve", f"{NAME}:{http_port}:127.0.0.1",
+                 "--resolve", f"{NAME}:{server.port}:127.0.0.1",
+                 "--resolve", f"hub.{NAME}:{http_port}:127.0.0.1", *args],
+                capture_output=True, timeout=20, text=True, check=True)
+            return out.stdout
+
+        https = f"https://{NAME}:{server.port}"
+        assert curl(f"http://{NAME}:{http_port}/a/b?c=d") == f"308 {https}/a/b?c=d"
+        # Followed: curl lands on the relay's TLS port, with pebble's certificate, verified.
+        assert curl("-L", f"http://{NAME}:{http_port}/") == "401 "
+        assert curl(f"http://hub.{NAME}:{http_port}/x") == (
+            f"308 https://hub.{NAME}:{server.port}/x")
+        assert curl("-X", "POST", "-d", "x=1", f"http://{NAME}:{http_port}/form").startswith(
+            "308 ")
+        for hostile in ("evil.example", f"{NAME}.evil.example", f"a.b.{NAME}",
+                        f"evil.example/{NAME}", f"{NAME}@evil.example", "127.0.0.1", ""):
+            answer = _plain_request(http_port, b"GET /p HTTP/1.1\r\nHost: %s\r\n\r\n"
+                                    % hostile.encode())
+            assert answer.startswith(b"HTTP/1.1 308 "), (hostile, answer)
+            assert _location(answer) == f"{https}/p", hostile
+        answer = _plain_request(http_port, b"GET //evil.example/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _location(answer) == f"{https}//evil.example/"  # a path on our host, still
+        # An unknown token: 404, not a redirect.
+        answer = _plain_request(
+            http_port, b"GET /.well-known/acme-challenge/nope HTTP/1.1\r\nHost: %s\r\n\r\n"
+            % NAME.encode())
+        assert answer.startswith(b"HTTP/1.1 404 ")
+        # Limits: a head too large, a head too slow, too many connections at once.
+        answer = _plain_request(http_port, b"GET / HTTP/1.1\r\nX: " + b"a" * 4096 + b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 431 ")
+        assert _plain_request(http_port, b"GET / HTTP/1.1\r\n").startswith(b"HTTP/1.1 408 ")
+        idle = [socket.create_connection(("127.0.0.1", http_port), timeout=5) for _ in range(6)]
+        try:
+            time.sleep(0.1)
+            assert _plain_request(http_port, b"").startswith(b"HTTP/1.1 503 ")
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.6)  # (the idle ones' deadline)
+        answer = _plain_request(http_port, b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % NAME.encode())
+        assert answer.startswith(b"HTTP/1.1 308 ")  # and everything else keeps working
+    finally:
+        server.stop()
+
+
+def test_pending_challenge_behind_a_proxy_header(tmp_path: Path) -> None:
+    """From a trusted balancer the ClientHello comes behind a PROXY header (often in the same
+    segment): it is read from what follows the header, and the CA's handshake still gets the
+    challenge certificate, a visitor's the normal one."""
+    data_dir = tmp_path / "data"
+    config = ServerConfig(host="127.0.0.1", port=0, registry_url="memory://", data_dir=data_dir,
+                          tls=_self_signed(data_dir),
+                          proxy_protocol_from=parse_networks("127.0.0.0/8"))
+    server = ServerThread(config)
+    try:
+        assert server.server.hub is not None
+        challenges = Challenges()
+        digest = hashlib.sha256(b"behind a balancer").digest()
+        challenges.add(NAME, digest)
+        server.server.hub.challenges = challenges
+        header = b"PROXY TCP4 192.0.2.7 127.0.0.1 40000 443\r\n"
+        chosen, cert = bio_handshake(server.port, NAME, ["acme-tls/1"], prefix=header)
+        assert chosen == ALPN_ACME and _is_challenge(cert, digest)
+        chosen, cert = bio_handshake(server.port, NAME, ["acme-tls/1"], prefix=header, split=20)
+        assert chosen == ALPN_ACME and _is_challenge(cert, digest)
+        chosen, cert = bio_handshake(server.port, NAME, ["h2", "http/1.1"], prefix=header)
+        assert chosen is None and not _is_challenge(cert, digest)
     finally:
         server.stop()

@@ -164,3 +164,32 @@ def test_sighup_reloads_the_certificate_without_dropping_parked_connections(
         hidden.recv(1)  # still parked, nothing dropped
     hidden.close()
     assert relay.proc.poll() is None
+
+
+def test_acme_http_listener_from_the_command_line(tmp_path: Path) -> None:
+    """serve --acme-http PORT (without --acme: redirects only) and its settings; --no-tls
+    with it is refused."""
+    refused = rendezvous("serve", "--data-dir", str(tmp_path / "x"), "--no-tls",
+                         "--acme-http", "0")
+    assert refused.returncode != 0 and "--acme-http" in refused.stderr
+    port, http_port = free_port(), free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rendezvous", "serve", "--host", "127.0.0.1", "--port",
+             str(port), "--data-dir", str(tmp_path / "data"), "--public-host", "relay.test",
+             "--server-port", "443", "--acme-http", str(http_port), "--acme-http-timeout",
+             "0.3"], stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", http_port, 20, proc)
+        with socket.create_connection(("127.0.0.1", http_port), timeout=5) as sock:
+            sock.sendall(b"GET /x?y HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+            answer = recv_all(sock)
+        assert answer.startswith(b"HTTP/1.1 308 ")
+        assert b"\r\nLocation: https://relay.test/x?y\r\n" in answer  # (--server-port 443)
+        with socket.create_connection(("127.0.0.1", http_port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n")  # and nothing more: --acme-http-timeout
+            assert recv_all(sock).startswith(b"HTTP/1.1 408 ")
+    finally:
+        stop_process(proc)
+    assert b"listening for plain HTTP" in log.read_bytes()

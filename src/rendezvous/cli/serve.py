@@ -26,6 +26,9 @@ from rendezvous.cli.options import (
     store_options,
 )
 from rendezvous.config import (
+    DEFAULT_ACME_HTTP_MAX_CONNECTIONS,
+    DEFAULT_ACME_HTTP_MAX_HEAD,
+    DEFAULT_ACME_HTTP_TIMEOUT,
     DEFAULT_ACME_LOCK_TTL,
     DEFAULT_ACME_ORDERS_PER_HOUR,
     DEFAULT_ADMIN_HOST,
@@ -50,12 +53,15 @@ from rendezvous.config import (
     DEFAULT_SETTLE,
     DEFAULT_VISITOR_FAILURES_PER_CONNECTION,
     ENV_CLUSTER_KEY,
+    HTTP_01,
     LETS_ENCRYPT_DIRECTORY,
     PER_ADDRESS_BURST,
     PER_ADDRESS_INTERVAL,
     PER_ID_BURST,
     PER_ID_INTERVAL,
+    TLS_ALPN_01,
     AcmeConfig,
+    AcmeHttpConfig,
     AdminConfig,
     ClusterConfig,
     GuessLimits,
@@ -145,11 +151,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
     acme = p.add_argument_group(
         "ACME",
         "A trusted certificate for every --public-host name from an ACME CA (Let's Encrypt by\n"
-        "default), validated by TLS-ALPN-01 on this listener (the CA connects to port 443)\n"
-        "and renewed at two thirds of its lifetime; kept in DIR/acme/ (with --cluster: in the\n"
-        "cluster's Redis, one node ordering at a time, every node serving the result). With\n"
-        "--domain D, also one certificate per named entry (NAME.D), ordered when the name is\n"
-        "created (never for a name no entry has) and dropped when it goes.")
+        "default), validated by TLS-ALPN-01 on this listener (the CA connects to port 443),\n"
+        "or by HTTP-01 on the --acme-http listener (port 80), and renewed at two thirds of\n"
+        "its lifetime; kept in DIR/acme/ (with --cluster: in the cluster's Redis, one node\n"
+        "ordering at a time, every node serving the result). With --domain D, also one\n"
+        "certificate per named entry (NAME.D), ordered when the name is created (never for a\n"
+        "name no entry has) and dropped when it goes.")
     acme.add_argument("--acme", action="store_true",
                       help="order and renew the certificate from an ACME CA")
     acme.add_argument("--acme-email", metavar="ADDRESS",
@@ -167,6 +174,25 @@ def add_options(p: argparse.ArgumentParser) -> None:
                       default=DEFAULT_ACME_LOCK_TTL,
                       help="with --cluster: how long the order lock of a node that died "
                       "mid-order blocks the others (default: %(default)s)")
+    acme.add_argument(
+        "--acme-http", metavar="PORT", type=int_in(0, 65535),
+        help="also listen for plain HTTP on PORT (80 for a public CA): answer the CA's HTTP-01 "
+        "validation there (orders then use http-01, for a relay whose 443 sits behind "
+        "something) and redirect every other request with 308 to https:// on a --public-host "
+        "name or NAME.DOMAIN (default: no such listener; tls-alpn-01)")
+    acme.add_argument("--acme-http-host", metavar="ADDRESS",
+                      help="address of the --acme-http listener (default: --host)")
+    acme.add_argument("--acme-http-timeout", metavar="SECONDS", type=seconds(allow_zero=False),
+                      default=DEFAULT_ACME_HTTP_TIMEOUT,
+                      help="seconds from accept to a whole request head on the --acme-http "
+                      "listener (default: %(default)s)")
+    acme.add_argument("--acme-http-max-head-size", metavar="BYTES", type=int_in(1),
+                      default=DEFAULT_ACME_HTTP_MAX_HEAD,
+                      help="largest request head there; beyond it 431 (default: %(default)s)")
+    acme.add_argument("--acme-http-max-connections", metavar="N", type=int_in(1),
+                      default=DEFAULT_ACME_HTTP_MAX_CONNECTIONS,
+                      help="connections open at once there; past it a new one gets 503 "
+                      "(default: %(default)s)")
     public = p.add_argument_group(
         "public address",
         "What provisioning files tell hidden servers (recorded in DIR/relay.json at start).",
@@ -489,7 +515,20 @@ def _acme_config(args: argparse.Namespace) -> AcmeConfig | None:
     hosts = [h for h in args.public_host if not _is_address(h)]
     return AcmeConfig(names=tuple(dict.fromkeys(h.lower() for h in hosts)),
                       email=args.acme_email, directory=args.acme_directory, ca_bundle=bundle,
-                      orders_per_hour=args.acme_orders_per_hour, lock_ttl=args.acme_lock_ttl)
+                      orders_per_hour=args.acme_orders_per_hour, lock_ttl=args.acme_lock_ttl,
+                      challenge=HTTP_01 if args.acme_http is not None else TLS_ALPN_01)
+
+
+def _acme_http_config(args: argparse.Namespace) -> AcmeHttpConfig | None:
+    if args.acme_http is None:
+        return None
+    if args.no_tls:
+        raise ConfigError("--acme-http redirects to this relay's TLS port: leave out --no-tls")
+    hosts = [normal_domain(h) for h in args.public_host if not _is_address(h)]
+    return AcmeHttpConfig(port=args.acme_http, host=args.acme_http_host or "",
+                          hosts=tuple(dict.fromkeys(hosts)), timeout=args.acme_http_timeout,
+                          max_head_size=args.acme_http_max_head_size,
+                          max_connections=args.acme_http_max_connections)
 
 
 def _is_address(host: str) -> bool:
@@ -598,6 +637,7 @@ def server_config(args: argparse.Namespace,
         forwarded=args.forwarded,
         malloc_trim_interval=args.malloc_trim_interval,
         acme=acme,
+        acme_http=_acme_http_config(args),
     )
     return config, found, relay
 

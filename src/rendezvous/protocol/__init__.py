@@ -9,6 +9,8 @@
     totp.py       the CONNECT token check
     ids.py        what an ID (or a hidden server's name) may be
     hostnames.py  named hidden servers: the name a visitor's host asks for, the visitor URL
+    clienthello.py  SNI and ALPN of a TLS ClientHello (ACME: which context a handshake gets)
+    plainhttp.py  what the ``--acme-http`` listener answers: HTTP-01, 308 to https
 
 Nothing here imports asyncio, socket or ssl; callers feed bytes in and write bytes out.
 """

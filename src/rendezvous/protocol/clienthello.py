@@ -22,6 +22,7 @@ certificate OpenSSL then presents, and OpenSSL parses the real thing.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from rendezvous.errors import ClientHelloError
@@ -44,6 +45,7 @@ MAX_RECORDS = 32
 _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
 _HOST_NAME = 0
+_EXTENSION_HEADER = struct.Struct("!HH")  # type, length
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,17 +147,25 @@ def _parse_body(body: memoryview) -> ClientHello:
     extensions = hello.vector(2, "extensions")
     if hello.left:
         raise ClientHelloError("bytes after the extensions")
+    # The extension list walked with plain offsets: a browser sends ~20 extensions, and this
+    # loop is most of the parse's cost.
+    data, pos, end = extensions.data, 0, len(extensions.data)
     seen: set[int] = set()
-    while extensions.left:
-        kind = extensions.number(2, "extension type")
-        data = extensions.vector(2, "extension data")
+    while pos < end:
+        if end - pos < 4:
+            raise ClientHelloError("ClientHello cut short in an extension header")
+        kind, size = _EXTENSION_HEADER.unpack_from(data, pos)
+        pos += 4
+        if pos + size > end:
+            raise ClientHelloError("ClientHello cut short in extension data")
         if kind in seen:  # RFC 8446 §4.2: at most one of each
             raise ClientHelloError(f"extension {kind} twice")
         seen.add(kind)
         if kind == _EXT_SERVER_NAME:
-            server_name = _server_name(data)
+            server_name = _server_name(_Reader(data[pos:pos + size]))
         elif kind == _EXT_ALPN:
-            alpn = _alpn(data)
+            alpn = _alpn(_Reader(data[pos:pos + size]))
+        pos += size
     return ClientHello(server_name, alpn)
 
 

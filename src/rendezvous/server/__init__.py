@@ -11,6 +11,7 @@
     ratelimit.py   budgets of failed guesses per address and per ID
     local.py       what the relay tells commands on its machine (relay.json, the status socket)
     revocation.py  registry changes made anywhere reach the connections parked here
+    acme_http.py   the ``--acme-http`` listener: HTTP-01 answers, redirects to https
 """
 
 from rendezvous.server.app import RendezvousServer, run

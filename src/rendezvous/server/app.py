@@ -27,6 +27,7 @@ from rendezvous.tls import server_ssl_context
 
 if TYPE_CHECKING:
     from rendezvous.admin import AdminSite
+    from rendezvous.server.acme_http import PlainHTTPListener
     from rendezvous.server.certificates import Certificate, CertificateManager, Challenges
     from rendezvous.server.cluster import ClusterMember
     from rendezvous.server.local import LocalRecords
@@ -60,6 +61,7 @@ class RendezvousServer:
         # The pair SIGHUP reloads: config.tls; None once an ACME certificate is in use.
         self.tls_files = config.tls
         self.certificates: CertificateManager | None = None  # with config.acme
+        self.plain_http: PlainHTTPListener | None = None  # with config.acme_http
 
     @property
     def port(self) -> int:
@@ -123,6 +125,8 @@ class RendezvousServer:
 
             self.local = LocalRecords(config, hub, self.port, self.addresses)
             await self.local.start()
+        if config.acme_http is not None:
+            await self._start_plain_http(hub)
         if config.admin is not None:
             await self._start_admin()
 
@@ -154,6 +158,29 @@ class RendezvousServer:
         manager.start(self.registry, config.domain, config.limits.registry_poll)
         self.certificates = manager
         return challenges
+
+    async def _start_plain_http(self, hub: Hub[LegBase]) -> None:
+        """The --acme-http listener: HTTP-01 answers from the order's challenges (none pending
+        without --acme) and redirects to this relay's TLS port."""
+        from rendezvous.protocol.plainhttp import Site
+        from rendezvous.server.acme_http import PlainHTTPListener
+        from rendezvous.server.certificates import Challenges
+
+        config = self.config
+        assert config.acme_http is not None
+        challenges = hub.challenges
+        public_port = config.public.port if config.public is not None else None
+        site = Site(hosts=config.acme_http.hosts, domain=config.domain,
+                    https_port=public_port or self.port)
+        listener = PlainHTTPListener(
+            replace(config.acme_http, host=config.acme_http.host or config.host), site,
+            challenges if isinstance(challenges, Challenges) else Challenges())
+        try:
+            await listener.start()
+        except BaseException:
+            await self.close(grace=0)
+            raise
+        self.plain_http = listener
 
     def use_certificate(self, cert_file: Path, key_file: Path) -> None:
         """Present this pair to new handshakes from now on (established connections, parked or
@@ -212,6 +239,9 @@ class RendezvousServer:
         if self.certificates is not None:
             certificates, self.certificates = self.certificates, None
             await certificates.close()
+        if self.plain_http is not None:
+            plain_http, self.plain_http = self.plain_http, None
+            await plain_http.close()
         if self.admin is not None:
             admin, self.admin = self.admin, None
             await admin.close()
@@ -311,7 +341,7 @@ def raise_open_file_limit() -> int:
 
 # What SIGHUP cannot change in a running relay: it logs them as needing a restart.
 _RESTART_FIELDS = ("host", "port", "tls", "registry_url", "log_format", "use_uvloop", "cluster",
-                   "admin", "data_dir", "public")
+                   "admin", "data_dir", "public", "acme_http")
 
 
 def _differences(prefix: str, old: object, new: object) -> list[str]:

@@ -54,7 +54,7 @@ from cryptography.x509.oid import NameOID
 from josepy.jwk import JWK, JWKRSA
 
 from rendezvous import logs
-from rendezvous.config import AcmeConfig, ClusterConfig
+from rendezvous.config import HTTP_01, TLS_ALPN_01, AcmeConfig, ClusterConfig
 from rendezvous.errors import RegistryError
 from rendezvous.server.certstore import (
     ACCOUNT,
@@ -96,8 +96,8 @@ LOCK_RETRY = 2.0
 # After the registry or the cluster's Redis fails, wait this long before following it again.
 FOLLOW_RETRY = 1.0
 # Challenge kinds, as the keys Challenges and the shared store know them by.
-TLS_ALPN = "tls-alpn-01"
-HTTP = "http-01"
+TLS_ALPN = TLS_ALPN_01
+HTTP = HTTP_01
 
 
 @challenges.ChallengeResponse.register
@@ -314,9 +314,10 @@ def explain(exc: BaseException, config: AcmeConfig, names_: tuple[str, ...] = ()
             return (f"the CA refuses more orders for now (rate limited): {exc.detail}; the relay "
                     "keeps its current certificate and retries later")
         if exc.code in ("connection", "dns", "unauthorized", "incorrectResponse", "tls"):
+            port = ("its --acme-http port (80 for a public CA)" if config.challenge == HTTP
+                    else "its TLS port (443 for a public CA)")
             return (f"the CA could not validate {names}: {exc.detail}; check that each name's "
-                    "DNS record points at this relay and that the CA reaches its TLS port "
-                    "(443 for a public CA)")
+                    f"DNS record points at this relay and that the CA reaches {port}")
         return f"the CA refused: {exc}"
     if isinstance(exc, errors.TimeoutError | errors.ValidationError):
         return (f"validation of {names} did not succeed ({exc}); check that each name resolves "
@@ -746,15 +747,20 @@ class CertificateManager:
         return acme
 
     def _answer(self, authz: messages.AuthorizationResource, account_key: JWK) -> Pending:
-        """Which challenge of ``authz`` the relay answers, and with what: TLS-ALPN-01 on its
-        own listener (the one place that choice is made)."""
+        """Which challenge of ``authz`` the relay answers, and with what (the one place that
+        choice is made): HTTP-01 on the ``--acme-http`` listener when it runs (port 443 may
+        sit behind something else), else TLS-ALPN-01 on the relay's own listener."""
         name = authz.body.identifier.value
+        kind = self.config.challenge
         for challb in authz.body.challenges:
-            if isinstance(challb.chall, TLSALPN01):
-                chall = challb.chall
+            chall = challb.chall
+            if kind == HTTP and isinstance(chall, challenges.HTTP01):
+                response, validation = chall.response_and_validation(account_key)
+                return Pending(HTTP, chall.encode("token"), validation, challb, response)
+            if kind == TLS_ALPN and isinstance(chall, TLSALPN01):
                 return Pending(TLS_ALPN, name, chall.validation(account_key).hex(), challb,
                                chall.response(account_key))
-        raise AcmeError(f"the CA offers no tls-alpn-01 challenge for {name}")
+        raise AcmeError(f"the CA offers no {kind} challenge for {name}")
 
     def _post(self, pending: Pending) -> None:
         """Serve ``pending`` here, and (in a cluster) on every node, before the CA looks."""
