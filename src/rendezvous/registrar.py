@@ -239,6 +239,9 @@ class RelayRecord:
     pid: int = 0
     started: float = 0.0
     domain: str = ""  # serve --domain: named hidden servers are NAME.DOMAIN; "" for none
+    # serve --acme: its certificate comes from a CA that clients trust (the self-signed one
+    # of a first start is a stopgap), so files carry no certificate to pin.
+    acme: bool = False
 
     def visitor_url(self, name: str) -> str | None:
         """The URL visitors open for the hidden server named ``name``; None with no domain.
@@ -252,6 +255,9 @@ class RelayRecord:
         self-signed one is what the relay presents after SIGHUP); and where the CA came from."""
         if self.cert_file is None:
             return RelayAddress(self.host, self.port), "none (the relay speaks plain TCP)"
+        if self.acme:
+            return (RelayAddress(self.host, self.port),
+                    "none (the relay's certificate comes from its ACME CA)")
         pem = self_signed_pem(self.cert_file)
         origin = (f"{self.cert_file} (self-signed)" if pem is not None
                   else "none (the relay's certificate chains to a public CA)")
@@ -270,6 +276,7 @@ def remember_relay(data_dir: Path, record: RelayRecord) -> Path:
         "pid": record.pid,
         "started": record.started,
         **({"domain": record.domain} if record.domain else {}),
+        **({"acme": True} if record.acme else {}),
     }
     try:
         write_private_json(doc, path)
@@ -307,6 +314,7 @@ def recall_relay(data_dir: Path) -> RelayRecord | None:
             pid=int(doc.get("pid") or 0),
             started=float(doc.get("started") or 0.0),
             domain=str(doc.get("domain") or ""),
+            acme=doc.get("acme") is True,
         )
     except (ValueError, TypeError, KeyError, AttributeError):
         raise ConfigError(

@@ -318,6 +318,16 @@ class HiddenAgent:
         return self.servers[self._server_index][1]
 
     @property
+    def tls_name(self) -> str:
+        """The name the relay's certificate is checked against. A file with no ``server.ca``
+        trusts public CAs, whose certificate is for the relay's name in the file, not for the
+        address ``--server`` reaches it at (a node's IP, a balancer); a pinned certificate is
+        checked against the address dialled, as always."""
+        if self.provisioning.ca_pem is None:
+            return self.provisioning.host
+        return self.host
+
+    @property
     def relay(self) -> str:
         """The relay's address as ``host:port``."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -500,7 +510,7 @@ class HiddenAgent:
                 # can leak its socket in Python 3.11's asyncio; a cancelled start_tls closes it.
                 transport, _ = await loop.create_connection(lambda: protocol, self.host, self.port)
                 writer = _CountingWriter(transport, protocol, reader, loop)
-                await writer.start_tls(self._ssl, server_hostname=self.host,
+                await writer.start_tls(self._ssl, server_hostname=self.tls_name,
                                        ssl_handshake_timeout=CONNECT_TIMEOUT)
                 token = current_token(prov.base32, prov.step, prov.digits)
                 extra = f"&proxy={self.proxy_protocol}" if self.proxy_protocol else ""

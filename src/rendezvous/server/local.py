@@ -80,6 +80,7 @@ class LocalRecords:
             cert_file=tls.cert_file if tls is not None else None,
             listening=tuple(self.listening), status_socket=self.socket_path,
             pid=os.getpid(), started=self._started, domain=self.config.domain,
+            acme=self.config.acme is not None,
         )
         try:
             written = registrar.remember_relay(self.data_dir, record)
