@@ -6,6 +6,7 @@ import contextlib
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -61,3 +62,21 @@ def tail(path: Path, lines: int = 20) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     return f"({path} unreadable)"
+
+
+# Log lines come out in batches (rendezvous/logs.py writes at most one batch per 0.1 s): a test
+# that looks for the line of something that has just happened waits this long for it.
+LOG_LINE_TIMEOUT = 5.0
+
+
+def wait_for_text(read: Callable[[], str], needle: str, timeout: float = LOG_LINE_TIMEOUT) -> str:
+    """What ``read()`` returns once it holds ``needle`` (a process's log, read again and again
+    until then); AssertionError with the last reading after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = read()
+        if needle in text:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {needle!r} within {timeout:g} s in:\n{text}")
+        time.sleep(0.02)

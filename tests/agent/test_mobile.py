@@ -28,7 +28,7 @@ import pytest
 import requests
 from harness import HiddenHTTPService, ServedRequest, ServerThread, recv_all, running_server
 from requests.auth import HTTPDigestAuth
-from support import free_port, stop_process
+from support import free_port, stop_process, wait_for_text
 
 from rendezvous.agent.mobile import async_client, client, digest_authorization
 from rendezvous.protocol.responses import error_body
@@ -138,7 +138,7 @@ def tunnel(request: pytest.FixtureRequest, relay: Relay,
 def test_open_prints_where_to_connect(tunnel: Tunnel, relay: Relay) -> None:
     assert tunnel.banner == (f"open {tunnel.url} to reach {relay.entry.uuid} "
                              f"through {relay.address}")
-    assert "listening" in tunnel.log_text()
+    wait_for_text(tunnel.log_text, "listening")
 
 
 def test_plain_httpx_follows_a_redirect_chain_through_the_tunnel(
@@ -259,7 +259,7 @@ def test_unreachable_relay_gives_502_with_the_reason(tmp_path: Path, relay: Rela
         assert response.status_code == 502
         error = response.json()["error"]
         assert error["diagnostic"] == f"cannot reach relay 127.0.0.1:{dead}: Connection refused"
-        assert "relay error" in started.log_text()
+        wait_for_text(started.log_text, "relay error")
 
 
 def test_unknown_id_gets_the_relays_404(tmp_path: Path, relay: Relay) -> None:
@@ -271,7 +271,7 @@ def test_unknown_id_gets_the_relays_404(tmp_path: Path, relay: Relay) -> None:
         for response in (first, second):
             assert response.status_code == 404
             assert response.content == NOT_REGISTERED
-        assert 'reason="UUID not registered"' in started.log_text()
+        wait_for_text(started.log_text, 'reason="UUID not registered"')
 
 
 def test_open_uses_a_provisioning_file(tmp_path: Path, relay: Relay) -> None:

@@ -29,7 +29,7 @@ import websockets.sync.client
 from conftest import flush_redis
 from harness import PARKED, HiddenHTTPService, make_certificate, recv_exactly
 from hidden_support import AgentProcess, LocalHTTP
-from support import free_port, stop_process, tail, wait_for_port
+from support import free_port, stop_process, tail, wait_for_port, wait_for_text
 from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
@@ -166,7 +166,7 @@ def test_hidden_server_on_a_is_reached_through_b_and_c(nodes: dict[str, Node],
                                          "sha256": hashlib.sha256(body).hexdigest()}
         assert service.pairings >= 2
     for name in "BC":
-        assert " forwarded " in nodes[name].log.read_text()
+        wait_for_text(nodes[name].log.read_text, " forwarded ")
 
 
 def test_websocket_through_another_node(nodes: dict[str, Node], redis_url: str) -> None:

@@ -21,7 +21,7 @@ import redis
 from conftest import flush_redis
 from harness import PARKED, HiddenHTTPService, recv_exactly
 from named_support import DOMAIN, wildcard_certificate
-from support import free_port, stop_process, tail, wait_for_port
+from support import free_port, stop_process, tail, wait_for_port, wait_for_text
 
 from rendezvous.protocol.totp import current_token
 from rendezvous.registry import Entry
@@ -131,7 +131,7 @@ def test_a_name_works_on_every_node(nodes: dict[str, Node], redis_url: str,
             assert seen["path"] == f"/via/{name}"
             assert dict((k.lower(), v) for k, v in seen["headers"])["authorization"] == "Bearer t"
         assert hidden.pairings >= 2
-    assert " forwarded " in nodes["B"].log.read_text()
+    wait_for_text(nodes["B"].log.read_text, " forwarded ")
     # An unknown name on B: the 404 JSON, after its pair_wait of looking nowhere.
     proc = subprocess.run(
         [CURL, "-sS", "--cacert", str(nodes["B"].cert), "--resolve",

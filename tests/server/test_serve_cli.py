@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from harness import PARKED, recv_all, recv_exactly, recv_until
-from support import free_port, stop_process, tail, wait_for_port
+from support import free_port, stop_process, tail, wait_for_port, wait_for_text
 
 from rendezvous.protocol.totp import current_token
 from rendezvous.provisioning import Provisioning, load_provisioning
@@ -106,8 +106,8 @@ def test_curl_digest_reaches_a_hidden_server_parked_from_its_provisioning_file(
     server_thread.join(5)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "hello\n"
-    events = [json.loads(line)["event"] for line in relay.log.read_text().splitlines()
-              if line.startswith("{")]
+    text = wait_for_text(relay.log.read_text, '"event": "paired"')
+    events = [json.loads(line)["event"] for line in text.splitlines() if line.startswith("{")]
     assert "parked" in events and "paired" in events
 
 

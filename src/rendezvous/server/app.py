@@ -409,7 +409,10 @@ def run(config: ServerConfig, reload: Callable[[], ServerConfig] | None = None) 
     try:
         runtime.run(serve_until_signalled(config, reload), use_uvloop=config.use_uvloop)
     except OSError as exc:
+        logs.flush()  # (the batched lines first, then why we stop)
         print(f"rendezvous: error: cannot listen on {config.host}:{config.port}: {exc}",
               file=sys.stderr)
         return 2
+    finally:
+        logs.flush()  # before a crash's traceback, too
     return 0
