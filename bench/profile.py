@@ -16,6 +16,10 @@ _IGNORED_THREADS = ("watch_stdin", "watch_clock")
 # Leaf frames where the process waits rather than works (py-spy records some of them as active).
 _WAITS = {"epoll_wait", "epoll_pwait", "epoll_pwait2", "poll", "ppoll", "select", "pselect6",
           "clock_nanosleep", "nanosleep"}
+# Frames under which a thread waits for a lock, a condition or the GIL (the relay's log writer
+# thread between batches, say): whatever the leaf below them, not work.
+_BLOCKED = ("pthread_cond_timedwait", "pthread_cond_wait", "sem_clockwait", "sem_timedwait",
+            "sem_wait", "take_gil", "lock_PyThread_acquire_lock")
 _FRAME_INLINE = re.compile(r"^(.*) \((.*)\)$")
 
 
@@ -64,7 +68,8 @@ def summarize(raw: Path, title: str, seconds: float, rate: int, top: int = 25) -
         count = int(count_text)
         frames = stack.split(";")
         leaf = _FRAME_INLINE.match(frames[-1])
-        if (leaf.group(1) if leaf else frames[-1]) in _WAITS:
+        if (leaf.group(1) if leaf else frames[-1]) in _WAITS or any(
+                frame.startswith(_BLOCKED) for frame in frames):
             waiting += count
             continue
         total += count

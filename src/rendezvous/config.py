@@ -40,6 +40,9 @@ DEFAULT_PAIR_IDLE_TIMEOUT = 600.0
 # Seconds between checks for registry changes made by other processes (SQLite; Redis is told at
 # once): a rotation or removal by the CLI cuts the old parked connections within about this long.
 DEFAULT_REGISTRY_POLL = 0.5
+# Registry entries kept in memory (each a few hundred bytes), so a CONNECT for a known ID costs
+# no registry read; the registry's change watch keeps them current. 0: read every time.
+DEFAULT_ENTRY_CACHE = 10_000
 # Seconds between two malloc_trim(0) calls, which give a burst's freed heap back (server/memory.py).
 DEFAULT_MALLOC_TRIM_INTERVAL = 10.0
 
@@ -123,6 +126,7 @@ class Limits:
     parked_timeout: float = DEFAULT_PARKED_TIMEOUT
     pair_idle_timeout: float = DEFAULT_PAIR_IDLE_TIMEOUT
     registry_poll: float = DEFAULT_REGISTRY_POLL
+    entry_cache: int = DEFAULT_ENTRY_CACHE
     guesses: GuessLimits = field(default_factory=GuessLimits)  # CONNECT tokens
     visitor_guesses: GuessLimits = field(default_factory=GuessLimits)  # visitor passwords
     visitor_failures_per_connection: int = DEFAULT_VISITOR_FAILURES_PER_CONNECTION

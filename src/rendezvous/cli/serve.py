@@ -36,6 +36,7 @@ from rendezvous.config import (
     DEFAULT_CLUSTER_POOL,
     DEFAULT_CLUSTER_POOL_IDLE,
     DEFAULT_CLUSTER_TTL,
+    DEFAULT_ENTRY_CACHE,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEAD_TIMEOUT,
     DEFAULT_MALLOC_TRIM_INTERVAL,
@@ -325,6 +326,14 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         help="how often to look for registry changes made by other processes, such as "
         "`users rotate`; parked connections they revoke are closed (default: %(default)s)",
     )
+    limits.add_argument(
+        "--entry-cache",
+        type=int_in(0),
+        default=DEFAULT_ENTRY_CACHE,
+        metavar="N",
+        help="registry entries kept in memory while the registry's changes are followed, so a "
+        "known ID's CONNECT reads no registry; 0: read every time (default: %(default)s)",
+    )
     process = p.add_argument_group("log file and memory")
     process.add_argument(
         "--log-file",
@@ -396,6 +405,7 @@ def _limits(args: argparse.Namespace) -> Limits:
         parked_timeout=args.parked_timeout,
         pair_idle_timeout=args.pair_idle_timeout,
         registry_poll=args.registry_poll,
+        entry_cache=args.entry_cache,
         guesses=GuessLimits(
             per_address_burst=args.failures_per_address,
             per_address_interval=args.failure_interval_per_address,

@@ -8,7 +8,7 @@ import base64
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -121,11 +121,27 @@ class Registry(abc.ABC):
     def __init__(self) -> None:
         # One queue per running watch() of this object: writes made through it, at once.
         self._listeners: set[asyncio.Queue[str]] = set()
+        self._write_hooks: list[Callable[[str], None]] = []
 
     def _changed(self, uuid: str) -> None:
-        """Tell this object's watchers that ``uuid`` changed (backends call it after a write)."""
+        """Tell this object's watchers and write hooks that ``uuid`` changed (backends call it
+        after a write)."""
+        for hook in self._write_hooks:
+            hook(uuid)
         for queue in self._listeners:
             queue.put_nowait(uuid)
+
+    def on_write(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook(uuid)`` as soon as a write through this object has changed ``uuid``,
+        before the call that wrote returns (a cache of entries forgets it there and then)."""
+        self._write_hooks.append(hook)
+
+    def fresh(self) -> bool:
+        """Whether :meth:`watch` has reported every change other processes committed so far,
+        as far as a cheap check on the caller's thread can tell (SQLite: a few microseconds);
+        False sends a cache of entries back to :meth:`get`. Backends that are told of changes
+        (Redis, memory) say True: what they have not been told yet, nobody here has seen."""
+        return True
 
     @contextlib.contextmanager
     def _listening(self) -> Iterator[asyncio.Queue[str]]:

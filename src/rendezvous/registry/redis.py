@@ -236,6 +236,7 @@ class RedisRegistry(Registry):
             raise UnknownEntry(entry.uuid)
         if outcome == b"name":
             raise DuplicateName(entry.name)
+        self._changed(entry.uuid)  # (write hooks, at once; other nodes hear the publish)
 
     async def add(self, entry: Entry) -> None:
         await self._write(entry, "add")
@@ -248,6 +249,7 @@ class RedisRegistry(Registry):
             lambda: self._remove(keys=[uuid], args=[NAME_PREFIX, self._channel]))
         if removed == 0:
             raise UnknownEntry(uuid)
+        self._changed(uuid)
 
     async def _scan(self) -> list[Entry]:
         # SCAN may return a key more than once; a set keeps one of each.

@@ -20,6 +20,7 @@ Every call runs synchronously on the caller's thread (the event loop, in the ser
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -154,6 +155,8 @@ class SQLiteRegistry(Registry):
         self.url = url
         self.path = path_from_url(url)
         self._conn: sqlite3.Connection | None = None
+        # PRAGMA data_version as of the last poll of a watch: commits by others move it.
+        self._watched_version: int | None = None
 
     def _error(self, action: str, exc: BaseException) -> RegistryError:
         return RegistryError(f"registry {self.path}: cannot {action}: {exc}")
@@ -265,24 +268,42 @@ class SQLiteRegistry(Registry):
 
     async def watch(self, interval: float) -> AsyncIterator[Changes]:
         with self._listening() as queue:
-            version = self._query("poll", "PRAGMA data_version")[0][0]
-            last = self._query("poll", "SELECT coalesce(max(seq), 0) FROM changes")[0][0]
-            yield Changes(everything=True)
-            while True:
-                ids = await _drain(queue, interval)
-                everything = False
-                now = self._query("poll", "PRAGMA data_version")[0][0]
-                if now != version:  # another connection committed: read the log past ``last``
-                    version = now
-                    rows = self._query("poll", "SELECT seq, uuid FROM changes WHERE seq > ?"
-                                       " ORDER BY seq", (last,))
-                    if rows:
-                        # The log starts after ``last + 1``: changes in between were pruned.
-                        everything = rows[0][0] > last + 1
-                        last = rows[-1][0]
-                        ids.update(str(row[1]) for row in rows)
-                if ids or everything:
-                    yield Changes(frozenset(ids), everything)
+            try:
+                async for changes in self._poll(queue, interval):
+                    yield changes
+            finally:
+                self._watched_version = None  # followed no more: fresh() says False
+
+    async def _poll(self, queue: asyncio.Queue[str], interval: float
+                    ) -> AsyncIterator[Changes]:
+        version = self._query("poll", "PRAGMA data_version")[0][0]
+        last = self._query("poll", "SELECT coalesce(max(seq), 0) FROM changes")[0][0]
+        self._watched_version = version
+        yield Changes(everything=True)
+        while True:
+            ids = await _drain(queue, interval)
+            everything = False
+            now = self._query("poll", "PRAGMA data_version")[0][0]
+            if now != version:  # another connection committed: read the log past ``last``
+                version = now
+                rows = self._query("poll", "SELECT seq, uuid FROM changes WHERE seq > ?"
+                                   " ORDER BY seq", (last,))
+                if rows:
+                    # The log starts after ``last + 1``: changes in between were pruned.
+                    everything = rows[0][0] > last + 1
+                    last = rows[-1][0]
+                    ids.update(str(row[1]) for row in rows)
+            if ids or everything:
+                yield Changes(frozenset(ids), everything)
+            self._watched_version = version  # (once the report is taken in)
+
+    def fresh(self) -> bool:
+        if self._watched_version is None:
+            return False
+        try:
+            return bool(self._query("poll", "PRAGMA data_version")[0][0] == self._watched_version)
+        except RegistryError:
+            return False  # get() will say what is wrong
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -20,7 +20,7 @@ from rendezvous.errors import ConfigError, RendezvousError
 from rendezvous.registry import Registry, open_registry
 from rendezvous.server.connection import INTERNAL, Connection, LegBase, remember_sni
 from rendezvous.server.hub import Hub
-from rendezvous.server.leg import unused_internal
+from rendezvous.server.leg import tune_listener, unused_internal
 from rendezvous.server.memory import MemoryTrimmer
 from rendezvous.server.revocation import RevocationWatch
 from rendezvous.tls import server_ssl_context
@@ -108,7 +108,11 @@ class RendezvousServer:
                 port=config.port,
                 backlog=LISTEN_BACKLOG,
                 reuse_address=True,
+                start_serving=False,  # (options first: accepted sockets inherit them)
             )
+            for sock in self._server.sockets:
+                tune_listener(sock)
+            await self._server.start_serving()
         except BaseException:
             await self._revocation.close()
             raise

@@ -101,10 +101,11 @@ class Connection(HiddenSide, MobileSide, Relaying):
         self.tls = transport.get_extra_info("sslcontext") is not None
         peername = transport.get_extra_info("peername")
         self.peername = (str(peername[0]), int(peername[1])) if peername else None
-        sock = transport.get_extra_info("socket")
+        # Nagle cost the original ~40 ms on every small write; asyncio usually sets this
+        # already, but a relay must not depend on it. (The public listener's sockets inherit
+        # it from the listener: leg.tune_listener.)
+        sock = transport.get_extra_info("socket") if self.kind != PUBLIC else None
         if sock is not None:
-            # Nagle cost the original ~40 ms on every small write; asyncio usually sets this
-            # already, but a relay must not depend on it.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.kind == OUTBOUND:
             hub.opened(self, None)

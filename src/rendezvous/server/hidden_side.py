@@ -6,22 +6,13 @@ a leaked code cannot take over an ID's pool from elsewhere.
 
 from __future__ import annotations
 
-import socket
-
 from rendezvous import logs
 from rendezvous.errors import RegistryError
 from rendezvous.protocol import responses
 from rendezvous.protocol.routing import DIAG_INVALID, Park
 from rendezvous.protocol.totp import token_is_valid
 from rendezvous.server.hub import CODE_CLAIM_STEPS, CODE_TAKEN
-from rendezvous.server.leg import (
-    KEEPALIVE_COUNT,
-    KEEPALIVE_IDLE,
-    KEEPALIVE_INTERVAL,
-    PARKED,
-    VERIFYING,
-    LegBase,
-)
+from rendezvous.server.leg import PARKED, PUBLIC, VERIFYING, LegBase, set_keepalive
 
 
 class HiddenSide(LegBase):
@@ -34,9 +25,12 @@ class HiddenSide(LegBase):
         hub = self.hub
         try:
             seen = hub.registry_changes
-            entry = await hub.registry.get(park.uuid)
-            if hub.registry_changes != seen:  # a change came meanwhile: this may predate it
-                entry = await hub.registry.get(park.uuid)
+            entry = await self._lookup(park.uuid)
+            if hub.registry_changes != seen or (  # a change came meanwhile: this may predate it
+                    # (or a secret rotated on another node, its news still on the way)
+                    entry is not None and not token_is_valid(entry.base32, entry.step,
+                                                             park.token)):
+                entry = await self._lookup(park.uuid, cached=False)
         except Exception as exc:  # any backend failure must cost this peer only
             if not isinstance(exc, RegistryError):
                 logs.log.exception("registry lookup failed")
@@ -80,14 +74,11 @@ class HiddenSide(LegBase):
             waiting.pair_with(self)
 
     def _enable_keepalive(self) -> None:
+        if self.kind == PUBLIC:
+            return  # inherited from the public listener (leg.tune_listener)
         sock = self.transport.get_extra_info("socket")
-        if sock is None:
-            return
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        if sock is not None:
+            set_keepalive(sock)
 
     def evict(self, reason: str) -> None:
         """Close a parked connection the pool no longer keeps."""

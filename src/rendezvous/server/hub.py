@@ -32,7 +32,8 @@ from typing import Any, Generic, Protocol, TypeVar
 from rendezvous import logs
 from rendezvous.config import IPNetwork, Limits
 from rendezvous.protocol.digest import NonceBook
-from rendezvous.registry import Registry
+from rendezvous.registry import Entry, Registry
+from rendezvous.registry.base import Changes
 from rendezvous.server.ratelimit import GuessLimiter
 
 # How many recent rejections the status page can show.
@@ -178,6 +179,60 @@ class TlsChallenges(Protocol):
         """The challenge context for this SNI and ALPN list, or None for the normal one."""
 
 
+class EntryCache:
+    """Registry entries as last read, for CONNECTs and visitors of known IDs.
+
+    An entry is used only while the registry's changes are followed (``following``, set by
+    server/revocation.py once its watch runs) and the registry vouches that nothing it has not
+    reported yet was committed (:meth:`Registry.fresh`); every change reported or written here
+    forgets its entry, and a read that spans one is not kept. So no entry is ever used that is
+    older than one the relay has seen. Misses, unknown IDs included, go to the registry.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size  # entries kept at most (the oldest kept goes first); 0: none
+        self.following = False
+        self.generation = 0  # changes forgotten so far: a read that spans one is not kept
+        self._entries: dict[str, Entry] = {}
+
+    def get(self, uuid: str) -> Entry | None:
+        """The entry kept for ``uuid``, or None (then read the registry)."""
+        return self._entries.get(uuid) if self.following else None
+
+    def keep(self, entry: Entry, generation: int) -> None:
+        """Keep ``entry``, read when :attr:`generation` was ``generation``."""
+        if not self.following or generation != self.generation or self.size <= 0:
+            return
+        entries = self._entries
+        if entry.uuid not in entries:
+            while len(entries) >= self.size:
+                del entries[next(iter(entries))]
+        entries[entry.uuid] = entry
+
+    def forget(self, uuid: str) -> None:
+        """``uuid`` changed (a write through this process's registry, as it happens)."""
+        self.generation += 1
+        self._entries.pop(uuid, None)
+
+    def changed(self, changes: Changes) -> None:
+        """Forget what a watch report names (everything, when it says so)."""
+        self.generation += 1
+        if changes.everything:
+            self._entries.clear()
+        else:
+            for uuid in changes.ids:
+                self._entries.pop(uuid, None)
+
+    def follow(self, following: bool) -> None:
+        """The watch started (True) or stopped following changes: start over either way."""
+        self.generation += 1
+        self._entries.clear()
+        self.following = following
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 L = TypeVar("L", bound=Leg)
 
 # Why a park is refused though its code is right; the relay answers each with its own status.
@@ -233,6 +288,8 @@ class Hub(Generic[L]):
         # Registry changes noticed so far (server/revocation.py): a token check whose lookup
         # spans one looks again, so nothing parks with an entry older than one already seen.
         self.registry_changes = 0
+        self.entries = EntryCache(limits.entry_cache)
+        registry.on_write(self.entries.forget)
         self._tasks: set[asyncio.Task[None]] = set()
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -470,6 +527,7 @@ class Hub(Generic[L]):
         follow them; what is open stays as it is (a smaller pool shrinks as connections
         pair or age out)."""
         self.limits = limits
+        self.entries.size = limits.entry_cache  # (a smaller cache shrinks as entries come)
         self.guesses.set_limits(limits.guesses)
         self.visitor_guesses.set_limits(limits.visitor_guesses)
 

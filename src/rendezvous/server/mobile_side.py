@@ -58,9 +58,8 @@ class MobileSide(LegBase):
         """Nothing is parked: check the visitor password now, if the entry has one, so that a
         wrong one gets its 401 at once whether or not the hidden server is online (the 404
         after pair_wait tells only someone who knows the password). False if refused."""
-        hub = self.hub
         try:
-            entry = await hub.registry.get(self.uuid)
+            entry = await self._lookup(self.uuid)
         except Exception:  # the pairing, if any, checks with its parked connection's entry
             return self.state == WAITING
         if self.state != WAITING or self.visitor_ok:

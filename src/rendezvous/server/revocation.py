@@ -53,9 +53,12 @@ class RevocationWatch:
     async def _run(self) -> None:
         failing = False
         while True:
+            entries = self.hub.entries
             try:
                 async for changes in self.hub.registry.watch(self.interval):
                     await self.apply(changes)
+                    if not entries.following:  # (the first report: everything) from now on
+                        entries.follow(True)  # the cache is kept current
                     if failing:
                         failing = False
                         logs.event("registry watch resumed")
@@ -67,12 +70,15 @@ class RevocationWatch:
             except Exception:  # a bug here must not end revocation for good
                 logs.log.exception("registry watch failed")
                 failing = True
+            finally:
+                entries.follow(False)  # changes may be missed until the watch runs again
             await asyncio.sleep(RETRY_DELAY)
 
     async def apply(self, changes: Changes) -> None:
         """Read again each changed ID with connections parked here, and revoke."""
         hub = self.hub
         hub.registry_changes += 1  # before reading: token checks under way will look again
+        hub.entries.changed(changes)
         parked = hub.parked_ids()
         ids = list(parked) if changes.everything else [u for u in changes.ids if u in parked]
         for start in range(0, len(ids), READ_BATCH):
