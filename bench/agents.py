@@ -364,7 +364,7 @@ def serve_sync(sock: socket.socket, head: bytes, leftover: bytes, deadline: floa
     """Answer one bulk request on a blocking socket, then close with a TLS goodbye."""
     try:
         up, down = wire.parse_request(head)
-        wire.pump(sock, prefix=wire.response_head(down), send=down,
+        wire.pump(sock, prefix=wire.response_head(down, wire.wants_raw(head)), send=down,
                   recv=max(0, up - len(leftover)), deadline=deadline,
                   send_after_recv=down == 0)
     finally:
@@ -459,11 +459,12 @@ def bulk_mobile_main(args: argparse.Namespace) -> None:
             barrier.wait(timeout=args.seconds)
             first = bytearray()
             t0 = time.perf_counter()
-            wire.pump(sock, prefix=wire.request_head(uuid, args.up, args.down, "basic"),
-                      send=args.up, recv=wire.response_size(args.down), deadline=deadline,
-                      first=first)
+            wire.pump(sock, prefix=wire.request_head(uuid, args.up, args.down, "basic",
+                                                     args.raw),
+                      send=args.up, recv=wire.response_size(args.down, args.raw),
+                      deadline=deadline, first=first)
             t1 = time.perf_counter()
-            if not first.startswith(b"HTTP/1.1 200"):
+            if not first.startswith(b"HTTP/1.1 101" if args.raw else b"HTTP/1.1 200"):
                 raise ConnectionError(f"answer {bytes(first)!r}")
             with lock:
                 spans.append((t0, t1))
@@ -540,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--up", type=int, default=0)
     p.add_argument("--down", type=int, default=0)
     p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--raw", action="store_true",
+                   help="a raw download: answered 101, then the bytes unframed")
     return parser
 
 

@@ -32,12 +32,20 @@ def _number(value: float | None) -> str:
     return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
 
 
+def _floor(row: dict[str, Any]) -> str:
+    """The floor column: the two TLS handshakes' CPU, and ours as a multiple of it."""
+    floor = row.get("floor")
+    if not floor:
+        return "-"
+    return f"{_number(floor)} ({row['ours'] / floor:.2f}x)"
+
+
 def table(results: dict[str, Any]) -> str:
     """Every figure with the ratio ours/haproxy, then the targets with PASS/MISS."""
     lines = []
     width = max((len(r["figure"]) + len(r["unit"]) + 3 for r in results["rows"]), default=40)
     header = (f"{'figure':<{width}} {'ours':>10} {'haproxy':>10} {'ours/hap':>9} "
-              f"{'no relay':>10}")
+              f"{'no relay':>10} {'floor (ours/floor)':>19}")
     for group in ("tls", "plain", "parked"):
         rows = [r for r in results["rows"] if r["group"] == group]
         if not rows:
@@ -48,16 +56,18 @@ def table(results: dict[str, Any]) -> str:
             better = "" if r["better"] == "higher" else " (lower is better)"
             note = f"  [{r['note']}]" if r["note"] else ""
             lines.append(f"{name:<{width}} {_number(r['ours']):>10} {_number(r['haproxy']):>10} "
-                         f"{r['ratio']:>8.2f}x {_number(r['direct']):>10}{better}{note}")
+                         f"{r['ratio']:>8.2f}x {_number(r['direct']):>10} {_floor(r):>19}"
+                         f"{better}{note}")
     if results["targets"]:
-        lines += ["", "-- targets (issue #5)"]
-        name_width = max(len(t["name"]) for t in results["targets"])
+        lines += ["", "-- targets (issue #5, and #15's marked #15)"]
+        name_width = max(len(t["name"]) + len(_issue(t)) for t in results["targets"])
         for t in results["targets"]:
+            name = _issue(t) + t["name"]
             unit = "x" if t["unit"] == "x" else f" {t['unit']}"
             verdict = "PASS" if t["passed"] else "MISS"
             extra = f"  profile: {t['profile']}" if t["profile"] else ""
             note = f"  ({t['note']})" if t["note"] else ""
-            lines.append(f"{t['name']:<{name_width}}  {t['measured']:8.2f}{unit:<4} "
+            lines.append(f"{name:<{name_width}}  {t['measured']:8.2f}{unit:<4} "
                          f"goal {t['goal']:<20} {verdict}{extra}{note}")
     for phase, name in results.get("extra_profiles", {}).items():
         lines.append(f"(no target) profile of our relay during {phase}: {name}")
@@ -71,6 +81,11 @@ def table(results: dict[str, Any]) -> str:
                      f"{cores[-1]:.2f} cores, median {cores[len(cores) // 2]:.2f}): see "
                      "\"warnings\" and each figure's other_cpu_cores in the JSON")
     return "\n".join(lines)
+
+
+def _issue(target: dict[str, Any]) -> str:
+    issue = target.get("issue", "#5")
+    return "" if issue == "#5" else f"{issue}: "
 
 
 def x_ticks(ax: Any, values: list[int]) -> None:
@@ -103,7 +118,8 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
     details = results["details"]
     colors = {"ours": "tab:blue", "haproxy": "tab:orange", "direct": "tab:gray"}
     labels = {"ours": "our relay", "haproxy": "haproxy 2.6", "direct": "no relay"}
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, grid = plt.subplots(2, 3, figsize=(19, 9))
+    axes = [grid[0][:2], grid[1][:2]]
     fig.suptitle(f"rendezvous relay vs haproxy ({results['mode']} run, "
                  f"{results['started'][:10]}, {results['machine']['cpus']} cores)")
 
@@ -188,11 +204,68 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     legend(ax)
 
+    cpu_panel(grid[0][2], details)
+    routing_panel(grid[1][2], details)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def cpu_panel(ax: Any, details: dict[str, Any]) -> None:
+    """Relay CPU per pairing cycle at each concurrency: ours, haproxy's per connection, and
+    (TLS) the floor of the pairing's two server handshakes."""
+    colors = {"ours": "tab:blue", "haproxy": "tab:orange"}
+    labels: list[str] = []
+    bars: dict[str, list[float]] = {"ours": [], "haproxy": []}
+    floors: list[float] = []
+    for mode in ("tls", "plain"):
+        group = details.get(mode, {})
+        for c in sorted(group.get("cycles", {}), key=int):
+            by_system = group["cycles"][c]
+            labels.append(f"{'TLS' if mode == 'tls' else 'plain'}\n{'seq' if c == '1' else c}")
+            for system in bars:
+                bars[system].append(by_system.get(system, {}).get("relay_cpu_ms_per_cycle", 0))
+            floors.append(group["floor"]["pairing_ms"] if "floor" in group else 0.0)
+    width = 0.27
+    for i, (system, name) in enumerate((("ours", "our relay"), ("haproxy", "haproxy 2.6"))):
+        ax.bar([n + (i - 1) * width for n in range(len(labels))], bars[system], width,
+               color=colors[system], label=name)
+    if any(floors):
+        ax.bar([n + width for n in range(len(labels))], floors, width, color="tab:green",
+               label="floor: 2 server TLS handshakes")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("relay CPU ms per pairing (haproxy: per connection)")
+    ax.set_title("CPU per pairing: ours, haproxy, floor (lower is better)")
+    ax.grid(True, axis="y", alpha=0.3)
+    legend(ax)
+
+
+def routing_panel(ax: Any, details: dict[str, Any]) -> None:
+    """Our relay's bulk download following HTTP (per-request routing) against the same bytes
+    after a 101 (raw)."""
+    labels: list[str] = []
+    framed: list[float] = []
+    raw: list[float] = []
+    for mode in ("tls", "plain"):
+        bulk = details.get(mode, {}).get("bulk", {})
+        if "down" in bulk and "down raw" in bulk:
+            labels.append("TLS" if mode == "tls" else "plain")
+            framed.append(bulk["down"]["ours"]["mb_s"])
+            raw.append(bulk["down raw"]["ours"]["mb_s"])
+    width = 0.35
+    ax.bar([n - width / 2 for n in range(len(labels))], framed, width, color="tab:blue",
+           label="framed (Content-Length, routed)")
+    ax.bar([n + width / 2 for n in range(len(labels))], raw, width, color="tab:cyan",
+           label="raw (after 101)")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels)
+    ax.set_ylabel("MB/s, our relay, 1 pairing down")
+    ax.set_title("What following HTTP costs a bulk download")
+    ax.grid(True, axis="y", alpha=0.3)
+    legend(ax)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -202,24 +275,27 @@ def markdown(results: dict[str, Any]) -> str:
         rows = [r for r in results["rows"] if r["group"] == group]
         if not rows:
             continue
+        floors = any(r.get("floor") for r in rows)
         lines += ["", f"**{GROUP_TITLES[group]}**", "",
-                  "| figure | ours | haproxy | ours/haproxy | no relay |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| figure | ours | haproxy | ours/haproxy | no relay |"
+                  + (" floor (ours/floor) |" if floors else ""),
+                  "|---|---:|---:|---:|---:|" + ("---:|" if floors else "")]
         for r in rows:
             better = " (lower is better)" if r["better"] == "lower" else ""
             note = f" [{r['note']}]" if r["note"] else ""
             lines.append(f"| {r['figure']} ({r['unit']}){better}{note} | {_number(r['ours'])} | "
                          f"{_number(r['haproxy'])} | {r['ratio']:.2f}x | "
-                         f"{_number(r['direct'])} |")
+                         f"{_number(r['direct'])} |" + (f" {_floor(r)} |" if floors else ""))
     if results["targets"]:
-        lines += ["", "| target (issue #5) | measured | goal | verdict | profile |",
-                  "|---|---:|---|---|---|"]
+        lines += ["", "| target | issue | measured | goal | verdict | profile |",
+                  "|---|---|---:|---|---|---|"]
         for t in results["targets"]:
             unit = "x" if t["unit"] == "x" else f" {t['unit']}"
             verdict = "PASS" if t["passed"] else "**MISS**"
             profile = f"[{t['profile']}](results/{t['profile']})" if t["profile"] else ""
-            lines.append(f"| {t['name']} | {t['measured']:.2f}{unit} | {t['goal']} | {verdict} | "
-                         f"{profile} |")
+            note = f" ({t['note']})" if t.get("note") else ""
+            lines.append(f"| {t['name']}{note} | {t.get('issue', '#5')} | {t['measured']:.2f}{unit}"
+                         f" | {t['goal']} | {verdict} | {profile} |")
     return "\n".join(lines).strip() + "\n"
 
 

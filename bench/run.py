@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import procs, report
+from bench import floor, procs, report
 from bench.agents import raise_nofile
 from bench.procs import Agent, BenchError, Haproxy, Meter, Relay, usage, write_ids
 
@@ -90,6 +90,7 @@ class Row:
     better: str = "higher"  # or "lower"
     direct: float | None = None
     note: str = ""
+    floor: float | None = None  # TLS: the CPU of the pairing's two handshakes alone (floor.py)
     ratio: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
@@ -108,6 +109,7 @@ class Target:
     unit: str = "x"
     profile: str | None = None
     note: str = ""
+    issue: str = "#5"  # the issue that set it
 
 
 def best(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -245,11 +247,14 @@ class Bench:
         return figure
 
     def bulk(self, label: str, port: int, tls: bool, ids: str | None, up: int, down: int,
-             streams: int, pids: dict[str, int], relay: str) -> dict[str, Any]:
-        """One bulk transfer (``streams`` pairings at once); MB/s and the relay's CPU per GB."""
+             streams: int, pids: dict[str, int], relay: str, raw: bool = False
+             ) -> dict[str, Any]:
+        """One bulk transfer (``streams`` pairings at once; ``raw``: a 101 and then the bytes
+        unframed); MB/s and the relay's CPU per GB."""
         args: list[Any] = ["--port", port, "--streams", streams, "--up", up, "--down", down,
                            "--seconds", self.scale.bulk_seconds]
         args += ["--tls"] if tls else []
+        args += ["--raw"] if raw else []
         args += ["--ids", ids] if ids else []
         with procs.agents() as running:
             meter = Meter({**pids, "bench": os.getpid()})
@@ -314,6 +319,10 @@ class Bench:
                                      relay.port, *tls_flag, "--ids", bulk_file, "--per-id", 1)
             self.wait_parked([hidden], N_IDS * per_id)
             self.wait_parked([bulk_hidden], N_IDS)
+            if tls:  # (here, while every process of the figures is idle)
+                detail["floor"] = found = floor.measure(self.cert, self.key)
+                self.say(f"  floor: two server-side TLS handshakes (in-process, "
+                         f"{found['cipher']}) cost {found['pairing_ms']:.3f} ms of CPU")
 
             systems = {
                 "ours": (relay.port, cycle_file,
@@ -353,7 +362,7 @@ class Bench:
                     self.wait_parked([bulk_hidden], N_IDS)
                 self.bulk(f"{mode}-{system}-warmup", port, tls,
                           one_bulk if system == "ours" else None, 0, size // 16, 1, pids, "relay")
-            for name, (up, down, streams) in figures.items():
+            for name, (up, down, streams, raw) in figures.items():
                 runs = {system: [] for system in bulk_systems}
                 for repeat in range(scale.repeats):
                     for system, (port, pids) in bulk_systems.items():
@@ -364,7 +373,7 @@ class Bench:
                         ids = ((bulk_file if streams > 1 else one_bulk) if system == "ours"
                                else None)
                         runs[system].append(self.bulk(f"{mode}-{system}-{name}", port, tls, ids,
-                                                      up, down, streams, pids, "relay"))
+                                                      up, down, streams, pids, "relay", raw))
                 results = {system: best(found, "mb_s") for system, found in runs.items() if found}
                 detail["bulk"][name] = results
                 self.say(f"  bulk {name:<12}: " + "  ".join(
@@ -372,6 +381,7 @@ class Bench:
                     for s, r in results.items()))
             self.traffic_rows(mode, detail)
             self.traffic_targets(mode, detail)
+            self.pairing_targets(mode, detail)
 
             def cycles_workload(concurrency: int) -> Callable[[float], None]:
                 def run(seconds: float) -> None:
@@ -385,37 +395,44 @@ class Bench:
                         mobile.result(seconds + 60)
                 return run
 
-            def bulk_workload(up: int, down: int, streams: int) -> Callable[[float], None]:
+            def bulk_workload(up: int, down: int, streams: int, raw: bool
+                              ) -> Callable[[float], None]:
                 def run(seconds: float) -> None:
                     deadline = time.monotonic() + seconds
                     while time.monotonic() < deadline:
                         self.wait_parked([bulk_hidden], N_IDS)
                         self.bulk(f"{mode}-profile", relay.port, tls,
                                   bulk_file if streams > 1 else one_bulk, up, down, streams,
-                                  {"relay": relay.pid}, "relay")
+                                  {"relay": relay.pid}, "relay", raw)
                 return run
 
             workloads: dict[str, Callable[[float], None]] = {
                 f"{mode}-cycles-c50": cycles_workload(50),
                 f"{mode}-cycles-c1": cycles_workload(1),
             }
-            for name, (up, down, streams) in figures.items():
-                workloads[f"{mode}-bulk-{name}"] = bulk_workload(up, down, streams)
+            for name, (up, down, streams, raw) in figures.items():
+                workloads[f"{mode}-bulk-{name.replace(' ', '-')}"] = bulk_workload(
+                    up, down, streams, raw)
             self.profile_misses(relay.pid, workloads)
-            # No target in the issue, but the figure most telling of per-connection Python cost.
+            # The figure most telling of per-connection Python cost, when no miss profiled it.
             c50 = detail["cycles"]["50"]
+            phase = f"{mode}-cycles-c50"
             if (mode == "plain" and self.do_profile
+                    and not any(t.profile and t.phase == phase for t in self.targets)
                     and c50["ours"]["rate"] < 0.85 * c50["haproxy"]["rate"]):
                 self.extra_profiles[f"{mode}-cycles-c50"] = self.profile(
                     f"{mode}-cycles-c50", relay.pid, cycles_workload(50))
 
-    def bulk_figures(self, size: int) -> dict[str, tuple[int, int, int]]:
-        """name: (bytes up, bytes down, pairings) -- each figure moves about 1 to 2x ``size``."""
+    def bulk_figures(self, size: int) -> dict[str, tuple[int, int, int, bool]]:
+        """name: (bytes up, bytes down, pairings, raw) -- each figure moves about 1 to 2x
+        ``size``."""
         return {
-            "down": (0, size, 1),  # hidden server to mobile client
-            "up": (size, 0, 1),  # mobile client to hidden server
-            "both": (size // 2, size // 2, 1),  # both directions at once
-            "4 pairings": (0, size // 2, 4),  # four pairings downloading at once
+            "down": (0, size, 1, False),  # hidden server to mobile client
+            "up": (size, 0, 1, False),  # mobile client to hidden server
+            "both": (size // 2, size // 2, 1, False),  # both directions at once
+            "4 pairings": (0, size // 2, 4, False),  # four pairings downloading at once
+            # The same download answered 101 and sent unframed: what following HTTP costs.
+            "down raw": (0, size, 1, True),
         }
 
     def parked(self) -> None:
@@ -549,6 +566,7 @@ class Bench:
             d = results.get("direct", {})
             what = "sequential" if c == "1" else f"{c} concurrent"
             key = f"{mode}.cycles.c{c}"
+            pairing_floor = detail["floor"]["pairing_ms"] if "floor" in detail else None
             self.rows += [
                 Row(f"{key}.rate", mode, f"{name} pairing cycles/s, {what}", "/s",
                     o["rate"], h["rate"], direct=d.get("rate")),
@@ -557,7 +575,8 @@ class Bench:
                 Row(f"{key}.p99", mode, f"{name} mobile latency p99, {what}", "ms",
                     o["p99_ms"], h["p99_ms"], "lower", d.get("p99_ms")),
                 Row(f"{key}.cpu", mode, f"{name} relay CPU per cycle, {what}", "ms",
-                    o["relay_cpu_ms_per_cycle"], h["relay_cpu_ms_per_cycle"], "lower"),
+                    o["relay_cpu_ms_per_cycle"], h["relay_cpu_ms_per_cycle"], "lower",
+                    floor=pairing_floor),
             ]
         for figure, results in detail["bulk"].items():
             o, h = results["ours"], results["haproxy"]
@@ -628,6 +647,41 @@ class Bench:
         ratio = seq["ours"]["p50_ms"] / seq["haproxy"]["p50_ms"]
         self.targets.append(Target("TLS sequential pairing: mobile p50 ours/haproxy", ratio,
                                    "<= 1.30x", ratio <= 1.3, "tls-cycles-c1"))
+
+    def pairing_targets(self, mode: str, detail: dict[str, Any]) -> None:
+        """Issue #15's: what a pairing costs against haproxy's connection, against the floor
+        of its two TLS handshakes, and what following HTTP costs a bulk transfer."""
+        name = "TLS" if mode == "tls" else "plain"
+        cycles = detail["cycles"]
+        cpu_goal, rate_goal = (1.0, 1.0) if mode == "tls" else (2.0, 0.8)
+        for c, what in (("1", "sequential"), ("50", "50 concurrent")):
+            ours, haproxy = cycles[c]["ours"], cycles[c]["haproxy"]
+            ratio = ours["relay_cpu_ms_per_cycle"] / haproxy["relay_cpu_ms_per_cycle"]
+            self.targets.append(Target(
+                f"{name} relay CPU per pairing, {what}: ours/haproxy", ratio,
+                f"<= {cpu_goal:.2f}x", ratio <= cpu_goal, f"{mode}-cycles-c{c}", issue="#15"))
+        c50 = cycles["50"]
+        ratio = c50["ours"]["rate"] / c50["haproxy"]["rate"]
+        self.targets.append(Target(
+            f"{name} pairing cycles/s, 50 concurrent: ours/haproxy", ratio,
+            f">= {rate_goal:.2f}x", ratio >= rate_goal, f"{mode}-cycles-c50", issue="#15"))
+        if "floor" in detail:
+            pairing_floor = detail["floor"]["pairing_ms"]
+            for c, what in (("1", "sequential"), ("50", "50 concurrent")):
+                ours, haproxy = cycles[c]["ours"], cycles[c]["haproxy"]
+                ratio = ours["relay_cpu_ms_per_cycle"] / pairing_floor
+                theirs = haproxy["relay_cpu_ms_per_cycle"] / pairing_floor
+                self.targets.append(Target(
+                    f"TLS relay CPU per pairing, {what}: ours / floor ({pairing_floor:.2f} ms, "
+                    "two server handshakes)", ratio, "<= 1.50x", ratio <= 1.5,
+                    f"tls-cycles-c{c}", issue="#15", note=f"haproxy: {theirs:.2f}x"))
+        framed, raw = detail["bulk"]["down"]["ours"], detail["bulk"]["down raw"]["ours"]
+        ratio = framed["mb_s"] / raw["mb_s"]
+        cpu = framed["relay_cpu_s_per_gb"] / raw["relay_cpu_s_per_gb"]
+        self.targets.append(Target(
+            f"{name} bulk down, framed (per-request routing) / raw (101): ours MB/s", ratio,
+            ">= 0.90x", ratio >= 0.9, f"{mode}-bulk-down", issue="#15",
+            note=f"CPU per GB framed/raw {cpu:.2f}x"))
 
     def parked_targets(self, detail: dict[str, Any], top: int) -> list[Target]:
         ours = detail["ours"]

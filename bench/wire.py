@@ -11,8 +11,10 @@ Every figure uses one tiny HTTP exchange, the same through our relay and through
 
 With ``down`` > 0 the answer starts at once and the body is read meanwhile (download, or both
 directions at once); with ``down`` = 0 it comes after the whole body (upload). A pairing cycle is
-``up=0&down=2``. Nothing here imports asyncio: the threaded bulk peers and the asyncio cycle peers
-share it.
+``up=0&down=2``. A raw download (``&raw=1``, with ``Connection: Upgrade``) is answered with
+``101 Switching Protocols`` and then the bytes, unframed: the relay passes it on without
+following any HTTP framing, which measures what the framing costs. Nothing here imports
+asyncio: the threaded bulk peers and the asyncio cycle peers share it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 HOST = "127.0.0.1"  # every socket of the suite is on loopback
 PARKED = b"HTTP/1.1 200\r\n\r\n"  # the relay's answer to a good CONNECT
 HEAD_END = b"\r\n\r\n"
+RAW_PROTOCOL = "bench-raw"  # the Upgrade of a raw download
 OPAQUE = "a4f316df3e6c55a20ca82389083849ea"  # node-rendezvous's Digest opaque, md5("rendezvous")
 SMALL = 2  # body bytes of a pairing cycle's answer
 SEND_CHUNK = 256 * 1024  # one SSL_write of up to 16 records, or one plain send()
@@ -41,11 +44,14 @@ MAX_HEAD = 64 * 1024
 LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
-def request_head(uuid: str | None, up: int, down: int, auth: str = "digest") -> bytes:
+def request_head(uuid: str | None, up: int, down: int, auth: str = "digest",
+                 raw: bool = False) -> bytes:
     """The mobile client's request; ``uuid`` None sends no Authorization (haproxy needs none,
-    but the bench sends the same bytes to both)."""
-    target = f"/b?up={up}&down={down}"
+    but the bench sends the same bytes to both). ``raw``: a download answered unframed (101)."""
+    target = f"/b?up={up}&down={down}" + ("&raw=1" if raw else "")
     lines = [f"{'POST' if up else 'GET'} {target} HTTP/1.1", "Host: bench", "User-Agent: bench"]
+    if raw:
+        lines += ["Connection: Upgrade", f"Upgrade: {RAW_PROTOCOL}"]
     if uuid is not None:
         lines.append(f"Authorization: {authorization(uuid, target, auth)}")
     if up:
@@ -68,14 +74,23 @@ def authorization(uuid: str, uri: str, scheme: str) -> str:
     )
 
 
-def response_head(down: int) -> bytes:
-    """The hidden server's (backend's) answer head for ``down`` body bytes."""
+def response_head(down: int, raw: bool = False) -> bytes:
+    """The hidden server's (backend's) answer head for ``down`` body bytes (``raw``: 101, and
+    the bytes follow unframed)."""
+    if raw:
+        return (f"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                f"Upgrade: {RAW_PROTOCOL}\r\n\r\n").encode()
     return f"HTTP/1.1 200 OK\r\nContent-Length: {down}\r\nConnection: close\r\n\r\n".encode()
 
 
-def response_size(down: int) -> int:
+def response_size(down: int, raw: bool = False) -> int:
     """Every byte the mobile client reads for an answer of ``down`` body bytes."""
-    return len(response_head(down)) + down
+    return len(response_head(down, raw)) + down
+
+
+def wants_raw(head: bytes) -> bool:
+    """Whether a request head asks for a raw (101) download."""
+    return b"&raw=1 " in head.split(b"\r\n", 1)[0]
 
 
 def parse_request(head: bytes) -> tuple[int, int]:
