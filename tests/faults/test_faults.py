@@ -303,7 +303,8 @@ class SlowRegistry(MemoryRegistry):
 
 
 def test_a_hidden_leg_reset_while_its_token_is_checked(tmp_path: Path) -> None:
-    with relay(tmp_path, registry=SlowRegistry(0.5), head_timeout=3.0) as r:
+    # (entry_cache=0: every CONNECT reads the slow registry, the known ID's too)
+    with relay(tmp_path, registry=SlowRegistry(0.5), head_timeout=3.0, entry_cache=0) as r:
         sock = r.server.connect()
         token = current_token(r.entry.base32, r.entry.step, r.entry.digits)
         sock.sendall(f"CONNECT uuid:{r.entry.uuid}?response={token} HTTP/1.1\r\n\r\n".encode())
@@ -374,7 +375,7 @@ def test_a_stalled_connect_lookup_is_cut_at_the_head_timeout(tmp_path: Path) -> 
     """A registry that hangs must not hold a CONNECT longer than the head timeout (the answer
     is a close), and the lookup's task must park nothing when it returns late."""
     registry = SlowRegistry(0.1)  # quick for the warm-up pairing ...
-    with relay(tmp_path, registry=registry) as r:
+    with relay(tmp_path, registry=registry, entry_cache=0) as r:  # (no entry kept in memory)
         registry.delay = 1.5  # ... then it hangs
         sock = r.server.connect()
         token = current_token(r.entry.base32, r.entry.step, r.entry.digits)
