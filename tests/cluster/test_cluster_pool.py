@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import os
 import signal
 import socket
 import ssl
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import HiddenHTTPService
-from test_cluster import Node, add_entry, running_nodes
+from test_cluster import Node, add_entry, digest_client, running_nodes
 
 from rendezvous.registry import Entry
 from rendezvous.server.cluster import CLUSTER_CERT_NAME, InternalPools, cluster_ssl_contexts
@@ -103,6 +105,13 @@ def test_forwarded_clients_go_out_on_pooled_connections(tmp_path: Path, redis_ur
             assert counts["internal_opened"] == 6 + 3
             assert internal(a)["internal_accepted"] == counts["internal_opened"]
             assert internal(a)["internal_opened"] == 0  # A forwarded nothing
+            # A Digest client (challenged by B itself) and a body of megabytes, on a pooled one.
+            body = os.urandom(3 * 1024 * 1024)
+            with digest_client(b, entry) as client:
+                posted = client.post("/upload", content=body)
+            assert posted.json() == {"length": len(body),
+                                     "sha256": hashlib.sha256(body).hexdigest()}
+            assert internal(b)["internal_reused"] == 6
         # The owning node still learns who each client is (B's Forwarded header).
         again = [r for r in service.requests if r.path.startswith("/again/")]
         assert [r.path for r in again] == [f"/again/{n}" for n in range(5)]
