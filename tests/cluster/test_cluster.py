@@ -108,10 +108,10 @@ class Node:
 
 
 @contextlib.contextmanager
-def running_nodes(tmp_path: Path, redis_url: str, names: str,
-                  extra: tuple[str, ...] = ()) -> Iterator[dict[str, Node]]:
+def running_nodes(tmp_path: Path, redis_url: str, names: str, extra: tuple[str, ...] = (),
+                  only: dict[str, tuple[str, ...]] | None = None) -> Iterator[dict[str, Node]]:
     """One `serve --cluster` process per letter of ``names``, on empty Redis databases; each
-    gets the `serve` flags ``extra`` too."""
+    gets the `serve` flags ``extra`` too, and those ``only[name]`` has for it."""
     cluster_url = redis_url.rsplit("/", 1)[0] + "/1"
     flush_redis(redis_url)
     flush_redis(cluster_url)
@@ -119,7 +119,8 @@ def running_nodes(tmp_path: Path, redis_url: str, names: str,
     data_dir.mkdir()
     tls = make_certificate(data_dir)  # every node serves the same certificate
     found = {name: Node(name, free_port(), free_port(), tls.cert_file,
-                        tmp_path / f"{name}.log", redis_url, cluster_url, extra=extra)
+                        tmp_path / f"{name}.log", redis_url, cluster_url,
+                        extra=(*extra, *(only or {}).get(name, ())))
              for name in names}
     try:
         for node in found.values():

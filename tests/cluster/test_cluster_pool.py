@@ -21,7 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import requests
 from harness import HiddenHTTPService
+from prometheus_client.parser import text_string_to_metric_families
+from support import free_port
 from test_cluster import Node, add_entry, digest_client, running_nodes
 
 from rendezvous.registry import Entry
@@ -290,3 +293,28 @@ async def _closed_under_us() -> None:
         server.close()
         await server.wait_closed()
         await asyncio.sleep(0.05)  # (the aborts' callbacks run)
+
+
+def test_the_pool_is_on_the_admin_pages_metrics(tmp_path: Path, redis_url: str) -> None:
+    admin = free_port()
+    with running_nodes(tmp_path, redis_url, "AB", ("--cluster-pool", "2"),
+                       only={"B": ("--admin", f"127.0.0.1:{admin}")}) as nodes:
+        a, b = nodes["A"], nodes["B"]
+        entry = add_entry(redis_url)
+        for path in ("/one", "/two"):
+            hidden = a.park(entry)
+            a.wait_parked(entry.uuid, 1)
+            client = send_request(b, entry, path)
+            answer_one(hidden)
+            assert read_all(client).startswith(b"HTTP/1.1 200")
+            wait_for(lambda: internal(b)["internal_idle"] == 2, "B's pool filled")
+        answer = requests.get(f"http://127.0.0.1:{admin}/metrics", timeout=10)
+        assert answer.status_code == 200
+        samples = {sample.name: sample.value
+                   for family in text_string_to_metric_families(answer.text)
+                   for sample in family.samples}
+        assert samples["rendezvous_cluster_forwarded_total"] == 2
+        assert samples["rendezvous_cluster_internal_opened_total"] == 1 + 2 + 1
+        assert samples["rendezvous_cluster_internal_reused_total"] == 1
+        assert samples["rendezvous_cluster_internal_idle"] == 2
+        assert samples["rendezvous_cluster_internal_accepted_total"] == 0

@@ -128,11 +128,36 @@ class RelayCollector(Collector):
                 buckets=[(_bound(bound), count) for bound, count in latency.cumulative()],
                 sum_value=latency.sum,
             )
+            cluster = hub.cluster
+            if cluster is not None:
+                yield from _cluster_metrics(stats.forwarded, cluster.status())
         yield CounterMetricFamily(
             f"{PREFIX}_registry_errors",
             "Registry calls that failed: the relay's token lookups and the admin page's.",
             value=relay_registry_errors + state.registry_errors,
         )
+
+
+def _cluster_metrics(forwarded: int, internal: dict[str, int]) -> Iterable[Metric]:
+    """A node of a cluster: clients handed to other nodes, and its internal connections."""
+    yield CounterMetricFamily(
+        f"{PREFIX}_cluster_forwarded", "Mobile clients handed to another node.", value=forwarded)
+    yield CounterMetricFamily(
+        f"{PREFIX}_cluster_internal_opened",
+        "Internal connections this node opened to other nodes (one TLS handshake each).",
+        value=internal["internal_opened"])
+    yield CounterMetricFamily(
+        f"{PREFIX}_cluster_internal_reused",
+        "Forwarded clients sent on an internal connection established beforehand (pooled).",
+        value=internal["internal_reused"])
+    yield GaugeMetricFamily(
+        f"{PREFIX}_cluster_internal_idle",
+        "Established internal connections waiting idle in this node's pools now.",
+        value=internal["internal_idle"])
+    yield CounterMetricFamily(
+        f"{PREFIX}_cluster_internal_accepted",
+        "Internal connections other nodes opened to this one.",
+        value=internal["internal_accepted"])
 
 
 def _bound(bound: float) -> str:
