@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import signal
@@ -318,3 +319,26 @@ def test_the_pool_is_on_the_admin_pages_metrics(tmp_path: Path, redis_url: str) 
         assert samples["rendezvous_cluster_internal_reused_total"] == 1
         assert samples["rendezvous_cluster_internal_idle"] == 2
         assert samples["rendezvous_cluster_internal_accepted_total"] == 0
+
+
+def test_internal_handshakes_send_no_session_tickets() -> None:
+    # Nothing resumes an internal session: tickets would only be work for both nodes.
+    server_context, client_context = cluster_ssl_contexts("ticket-test-key-0123456789")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            raw, _ = listener.accept()
+            with server_context.wrap_socket(raw, server_side=True) as sock:
+                sock.recv(1)  # until the client closes
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with client_context.wrap_socket(raw, server_hostname=CLUSTER_CERT_NAME) as sock:
+            sock.settimeout(0.3)
+            with contextlib.suppress(TimeoutError):
+                sock.recv(1)  # (reads what the server sent after the handshake)
+            assert sock.version() == "TLSv1.3"
+            assert sock.session is not None and not sock.session.has_ticket
+        thread.join(5)

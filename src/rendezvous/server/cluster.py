@@ -140,6 +140,9 @@ def cluster_ssl_contexts(cluster_key: str) -> tuple[ssl.SSLContext, ssl.SSLConte
             context.load_verify_locations(cadata=cert_pem.decode())
             context.verify_mode = ssl.CERT_REQUIRED
     client.check_hostname = False  # every node has the same name; the key is what is checked
+    # No node resumes a session (asyncio's TLS cannot): the two TLS 1.3 session tickets a
+    # server sends by default would cost each internal handshake ~25% more CPU, for nothing.
+    server.num_tickets = 0
     return server, client
 
 
