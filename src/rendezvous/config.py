@@ -188,6 +188,9 @@ class AcmeConfig:
     lock_ttl: float = DEFAULT_ACME_LOCK_TTL
     sync_interval: float = DEFAULT_ACME_SYNC_INTERVAL
     challenge: str = TLS_ALPN_01  # or HTTP_01 (with --acme-http)
+    # --cert/--key with --acme: the operator's certificate for *.DOMAIN, which named hosts get
+    # (it wins: no certificate per name is ordered then).
+    wildcard: TLSConfig | None = None
 
     def __post_init__(self) -> None:
         if self.orders_per_hour < 1:

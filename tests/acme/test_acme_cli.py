@@ -146,8 +146,8 @@ def test_one_command_on_a_vps_with_a_domain(pebble: Pebble, tmp_path: Path) -> N
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--acme", "--public-host", NAME, "--cert", "c.pem", "--key", "k.pem"],
-     "leave out --cert and --no-tls"),
-    (["--acme", "--public-host", NAME, "--no-tls"], "leave out --cert and --no-tls"),
+     "--cert/--key may only give a wildcard certificate for *.DOMAIN"),
+    (["--acme", "--public-host", NAME, "--no-tls"], "leave out --no-tls"),
     (["--acme", "--public-host", NAME, "--acme-ca-bundle", "missing.pem"],
      "--acme-ca-bundle: no such file"),
     (["--acme", "--public-host", "203.0.113.7"], "at least one --public-host NAME"),

@@ -25,7 +25,7 @@ from support import free_port
 from rendezvous.config import AcmeConfig, ClusterConfig, Limits, ServerConfig
 from rendezvous.registry import Entry, new_secret
 from rendezvous.server.certificates import CertificateManager
-from rendezvous.server.certstore import REDIS_PREFIX
+from rendezvous.server.certstore import REDIS_PREFIX, RedisStore
 from rendezvous.tls import ensure_self_signed
 
 DOMAIN = "relay.test"
@@ -79,7 +79,7 @@ def cluster_url(redis_url: str) -> Iterator[str]:
 
 
 def start_node(pebble: Pebble, tmp_path: Path, name: str, port: int, registry_url: str,
-               cluster_url: str) -> Node:
+               cluster_url: str, lock_ttl: float = 6.0) -> Node:
     data_dir = tmp_path / name
     data_dir.mkdir(exist_ok=True)
     config = ServerConfig(
@@ -89,7 +89,7 @@ def start_node(pebble: Pebble, tmp_path: Path, name: str, port: int, registry_ur
         cluster=ClusterConfig(redis_url=cluster_url, node_id=name, internal_host="127.0.0.1",
                               internal_port=0, cluster_key=CLUSTER_KEY, ttl=1.5),
         acme=AcmeConfig(names=(DOMAIN,), directory=pebble.directory, ca_bundle=pebble.ca_bundle,
-                        retry_first=1.0, order_timeout=20.0, sync_interval=1.0, lock_ttl=6.0))
+                        retry_first=1.0, order_timeout=20.0, sync_interval=1.0, lock_ttl=lock_ttl))
     Node.root_pem = pebble.root_pem
     return Node(config)
 
@@ -168,15 +168,50 @@ def test_one_node_orders_every_node_answers_and_serves(pebble: Pebble, tmp_path:
 
 
 def test_a_lock_left_by_a_dead_node_expires(pebble: Pebble, tmp_path: Path,
-                                            redis_registry_url: str, cluster_url: str) -> None:
+                                            redis_registry_url: str, cluster_url: str,
+                                            caplog: pytest.LogCaptureFixture) -> None:
     shared = redis.Redis.from_url(cluster_url)
     shared.set(LOCK, "gone", px=2_500)  # its holder died mid-order
     started = time.monotonic()
-    a = start_node(pebble, tmp_path, "A", pebble.tls_port, redis_registry_url, cluster_url)
+    # A lock shorter than the order: kept only because it is extended while the order runs.
+    ttl = 0.6
+    a = start_node(pebble, tmp_path, "A", pebble.tls_port, redis_registry_url, cluster_url,
+                   lock_ttl=ttl)
     try:
-        wait_for(a.trusted, "the certificate")
+        held: list[float] = []  # when A was seen holding the lock
+        while not a.trusted() and time.monotonic() - started < 30:
+            if shared.get(LOCK) == b"A":
+                held.append(time.monotonic())
+            time.sleep(0.05)
+        assert a.trusted()
         assert time.monotonic() - started >= 2.5
         assert a.state(lambda m: m.ordered) == ["main"]
+        assert "acme order lock lost" not in caplog.text
+        assert held and held[-1] - held[0] > ttl  # held longer than one lifetime of the lock
+        assert shared.get(LOCK) is None
     finally:
         a.stop()
         shared.close()
+
+
+def test_the_lock_and_shared_challenges_in_redis(cluster_url: str) -> None:
+    """The store's lock: one owner at a time, extended and released by its owner only, taken
+    back by the same owner; challenges expire by themselves."""
+    store = RedisStore(cluster_url, shown="test")
+    try:
+        assert store.acquire("A", 5) and not store.acquire("B", 5)
+        assert store.acquire("A", 5)  # (a node restarted with its own ID)
+        assert not store.refresh("B", 5) and store.refresh("A", 5)
+        store.release("B")
+        assert not store.acquire("B", 5)
+        store.release("A")
+        assert store.acquire("B", 0.2)
+        time.sleep(0.3)
+        assert store.acquire("A", 5)  # B's expired
+        store.share_challenges({"tls-alpn-01:x.test": "00ff", "http-01:tok": "tok.key"}, ttl=0.3)
+        assert store.challenges() == {"tls-alpn-01:x.test": "00ff", "http-01:tok": "tok.key"}
+        time.sleep(0.4)
+        assert store.challenges() == {}
+        store.withdraw_challenges(["tls-alpn-01:x.test", "http-01:tok"])
+    finally:
+        store.close()

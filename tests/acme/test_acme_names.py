@@ -9,6 +9,7 @@ import json
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -16,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from harness import HiddenHTTPService, ServerThread
 from pebble_support import Pebble, fingerprint, run_pebble
 
-from rendezvous.config import AcmeConfig, Limits, ServerConfig
+from rendezvous.config import AcmeConfig, Limits, ServerConfig, TLSConfig
 from rendezvous.registry import Entry, new_secret, open_registry
 from rendezvous.server.certificates import CertificateManager
-from rendezvous.tls import ensure_self_signed
+from rendezvous.tls import ensure_self_signed, generate_self_signed
 
 DOMAIN = "relay.test"
 # The "hour" of the orders-per-hour limit here: long enough that a name added right after the
@@ -92,8 +95,14 @@ def named(name: str) -> Entry:
     return Entry(uuid=f"named-{name}-{time.monotonic_ns()}", base32=new_secret(), name=name)
 
 
-def test_certificate_per_name_ordered_served_dropped_and_limited(pebble: Pebble,
-                                                                 tmp_path: Path) -> None:
+def logged(caplog: pytest.LogCaptureFixture, event: str, **fields: str) -> int:
+    """How many times the relay logged ``event`` with these fields."""
+    return sum(1 for r in caplog.records if r.getMessage() == event
+               and all(getattr(r, "event_fields", {}).get(k) == v for k, v in fields.items()))
+
+
+def test_certificate_per_name_ordered_served_dropped_and_limited(
+        pebble: Pebble, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     registry_url = f"sqlite:///{tmp_path / 'registry.sqlite3'}"
     data_dir = tmp_path / "data"
     names_dir = data_dir / "acme" / "names"
@@ -135,6 +144,11 @@ def test_certificate_per_name_ordered_served_dropped_and_limited(pebble: Pebble,
         wait_for(lambda: trusted(port, f"later.{DOMAIN}", pebble.root_pem),
                  "later's certificate once the window moved on", timeout=WINDOW + 30)
         assert server.state(lambda m: m.ordered) == ["main", f"hub.{DOMAIN}", f"later.{DOMAIN}"]
+        # Each said once, however many handshakes and schedule rounds met them.
+        assert logged(caplog, "acme orders per hour reached: this name waits",
+                      name=f"later.{DOMAIN}") == 1
+        assert logged(caplog, "no certificate for this name yet: its visitors get the main "
+                      "certificate (browsers warn) until it is in", name=f"later.{DOMAIN}") == 1
 
         # Renamed away: hub's certificate is gone (file and context), two's comes.
         server.call(server.registry.replace(replace(hub, name="two")))
@@ -172,5 +186,49 @@ def test_certificate_per_name_ordered_served_dropped_and_limited(pebble: Pebble,
         assert fingerprint(again.port, DOMAIN, pebble.root_pem) == main
         assert again.state(lambda m: m.ordered) == [f"late.{DOMAIN}"]
         assert pebble.orders() == 5
+
+        # `users add --name` in another process: the registry's watch brings the name.
+        subprocess.run([sys.executable, "-m", "rendezvous", "users", "add", "--name", "cli",
+                        "--registry", registry_url, "--data-dir", str(data_dir), "--out",
+                        str(tmp_path / "cli.json")], capture_output=True, timeout=30, check=True)
+        wait_for(lambda: trusted(again.port, f"cli.{DOMAIN}", pebble.root_pem),
+                 "the certificate of a name added by the CLI")
+        assert pebble.orders() == 6
+
+        # A name's certificate is renewed like the main one (here: forced).
+        late = fingerprint(again.port, f"late.{DOMAIN}")
+        again.sync(again.manager.renew_now, f"late.{DOMAIN}")
+        wait_for(lambda: fingerprint(again.port, f"late.{DOMAIN}") != late, "late's renewal")
+        assert trusted(again.port, f"late.{DOMAIN}", pebble.root_pem)
+        assert pebble.orders() == 7
     finally:
         again.stop()
+
+
+def test_a_wildcard_certificate_of_the_operator_wins(pebble: Pebble, tmp_path: Path) -> None:
+    """--acme with --cert/--key for *.DOMAIN: the relay's own name gets pebble's certificate,
+    named hosts the wildcard, and no certificate per name is ordered."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    cert, key = tmp_path / "wildcard.pem", tmp_path / "wildcard.key"
+    generate_self_signed([f"*.{DOMAIN}"], cert, key)
+    wildcard = x509.load_pem_x509_certificate(cert.read_bytes()).public_bytes(Encoding.DER)
+    server = start_relay(pebble, data_dir, "memory://",
+                         wildcard=TLSConfig(cert_file=cert, key_file=key))
+    try:
+        wait_for(lambda: trusted(server.port, DOMAIN, pebble.root_pem), "the main certificate")
+        server.call(server.registry.add(named("hub")))
+        assert fingerprint(server.port, f"hub.{DOMAIN}") == wildcard
+        assert fingerprint(server.port, f"unknown.{DOMAIN}") == wildcard
+        time.sleep(1.0)  # (registry_poll is 0.2 s: a per-name order would have begun)
+        assert server.state(lambda m: m.ordered) == ["main"]
+        assert pebble.orders() == 1
+        assert not (data_dir / "acme" / "names").exists()
+
+        # SIGHUP's reload keeps the ACME certificate (it does not fall back to the files).
+        main = fingerprint(server.port, DOMAIN, pebble.root_pem)
+        assert server.sync(server.server.reload_tls) == "kept (ACME)"
+        assert fingerprint(server.port, DOMAIN, pebble.root_pem) == main
+        assert fingerprint(server.port, f"hub.{DOMAIN}") == wildcard
+    finally:
+        server.stop()

@@ -157,7 +157,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
         "its lifetime; kept in DIR/acme/ (with --cluster: in the cluster's Redis, one node\n"
         "ordering at a time, every node serving the result). With --domain D, also one\n"
         "certificate per named entry (NAME.D), ordered when the name is created (never for a\n"
-        "name no entry has) and dropped when it goes.")
+        "name no entry has) and dropped when it goes; or give a wildcard certificate for *.D\n"
+        "with --cert/--key, which named hosts then get (none is ordered).")
     acme.add_argument("--acme", action="store_true",
                       help="order and renew the certificate from an ACME CA")
     acme.add_argument("--acme-email", metavar="ADDRESS",
@@ -517,8 +518,8 @@ def _admin_config(args: argparse.Namespace) -> AdminConfig | None:
 def _acme_config(args: argparse.Namespace) -> AcmeConfig | None:
     if not args.acme:
         return None
-    if args.no_tls or args.cert is not None:
-        raise ConfigError("--acme orders the relay's certificate: leave out --cert and --no-tls")
+    if args.no_tls:
+        raise ConfigError("--acme orders the relay's certificate: leave out --no-tls")
     bundle: Path | None = args.acme_ca_bundle
     if bundle is not None and not bundle.is_file():
         raise ConfigError(f"--acme-ca-bundle: no such file: {bundle}")
@@ -526,7 +527,8 @@ def _acme_config(args: argparse.Namespace) -> AcmeConfig | None:
     return AcmeConfig(names=tuple(dict.fromkeys(h.lower() for h in hosts)),
                       email=args.acme_email, directory=args.acme_directory, ca_bundle=bundle,
                       orders_per_hour=args.acme_orders_per_hour, lock_ttl=args.acme_lock_ttl,
-                      challenge=HTTP_01 if args.acme_http is not None else TLS_ALPN_01)
+                      challenge=HTTP_01 if args.acme_http is not None else TLS_ALPN_01,
+                      wildcard=_wildcard(args))
 
 
 def _acme_http_config(args: argparse.Namespace) -> AcmeHttpConfig | None:
@@ -539,6 +541,27 @@ def _acme_http_config(args: argparse.Namespace) -> AcmeHttpConfig | None:
                           hosts=tuple(dict.fromkeys(hosts)), timeout=args.acme_http_timeout,
                           max_head_size=args.acme_http_max_head_size,
                           max_connections=args.acme_http_max_connections)
+
+
+def _wildcard(args: argparse.Namespace) -> TLSConfig | None:
+    """With --acme, --cert/--key may only be a wildcard certificate for *.DOMAIN: named hosts
+    are served with it and no certificate per name is ordered."""
+    if args.cert is None:
+        return None
+    domain = normal_domain(args.domain or "")
+    refused = ConfigError("--acme orders the relay's own certificate: --cert/--key may only "
+                          "give a wildcard certificate for *.DOMAIN of --domain DOMAIN")
+    if not domain:
+        raise refused
+    try:
+        names = [n.lower() for n in cert_names(Path(args.cert).read_bytes())]
+    except (RendezvousError, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the certificate {args.cert}: {exc}") from exc
+    if f"*.{domain}" not in names:
+        raise refused
+    wildcard = TLSConfig(cert_file=args.cert, key_file=args.key)
+    server_ssl_context(wildcard)  # a bad pair fails here, with its file names
+    return wildcard
 
 
 def _is_address(host: str) -> bool:
@@ -563,7 +586,7 @@ def _tls_config(args: argparse.Namespace, found: Store,
             return TLSConfig(cert_file=stored[0], key_file=stored[1])
         err("warning: no certificate from the ACME CA yet: serving a self-signed one until the "
             "order succeeds (clients will warn until then)")
-    if cert is not None and key is not None:
+    if cert is not None and key is not None and acme is None:  # (with --acme: a wildcard)
         return TLSConfig(cert_file=cert, key_file=key)
     return ensure_self_signed(found.data_dir, args.public_host,
                               warn=lambda m: err(f"warning: {m}"))
@@ -613,7 +636,7 @@ def server_config(args: argparse.Namespace,
         raise ConfigError("--cert and --key go together: give both or neither")
     if args.no_tls and args.cert is not None:
         raise ConfigError("--no-tls and --cert contradict each other: choose one")
-    if args.public_host and (args.no_tls or args.cert is not None) and not quiet:
+    if args.public_host and (args.no_tls or args.cert is not None) and not args.acme and not quiet:
         err("warning: --public-host only names a self-signed certificate and the host of "
             "provisioning files; the certificate part is ignored here")
     admin = _admin_config(args)  # an exposed admin page is refused before any file is made

@@ -11,6 +11,8 @@
     ratelimit.py   budgets of failed guesses per address and per ID
     local.py       what the relay tells commands on its machine (relay.json, the status socket)
     revocation.py  registry changes made anywhere reach the connections parked here
+    certificates.py ``--acme``: order, renew, answer challenges; one certificate per name
+    certstore.py   where ACME state lives: DATA_DIR/acme/, or the cluster's Redis (its lock)
     acme_http.py   the ``--acme-http`` listener: HTTP-01 answers, redirects to https
 """
 

@@ -159,7 +159,11 @@ class RendezvousServer:
         if not manager.install_stored():
             logs.event("no certificate from the CA yet: serving the self-signed one until the "
                        "order succeeds", level=logging.WARNING, names=",".join(config.acme.names))
-        manager.start(self.registry, config.domain, config.limits.registry_poll)
+        wildcard = config.acme.wildcard
+        if wildcard is not None and config.domain:  # the operator's *.DOMAIN: none per name
+            named.use_wildcard(server_ssl_context(wildcard), config.domain)
+        manager.start(None if named.wildcard else self.registry, config.domain,
+                      config.limits.registry_poll)
         self.certificates = manager
         return challenges
 
@@ -290,6 +294,14 @@ class RendezvousServer:
         """
         tls = self.tls_files
         if tls is None and self.certificates is not None:
+            wildcard = self.certificates.named.wildcard
+            files = self.config.acme.wildcard if self.config.acme is not None else None
+            if wildcard is not None and files is not None:
+                try:
+                    wildcard.load_cert_chain(files.cert_file, files.key_file)
+                except (OSError, ssl.SSLError) as exc:
+                    logs.event("reload failed, keeping the old wildcard certificate",
+                               level=logging.ERROR, cert=str(files.cert_file), error=str(exc))
             if not quiet:
                 logs.event("reload: the ACME certificate stays (renewed when due)")
             return "kept (ACME)"

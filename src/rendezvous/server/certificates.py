@@ -56,6 +56,7 @@ from josepy.jwk import JWK, JWKRSA
 from rendezvous import logs
 from rendezvous.config import HTTP_01, TLS_ALPN_01, AcmeConfig, ClusterConfig
 from rendezvous.errors import RegistryError
+from rendezvous.protocol.hostnames import name_in
 from rendezvous.server.certstore import (
     ACCOUNT,
     ACCOUNT_KEY,
@@ -176,6 +177,8 @@ class NamedContexts:
         self._waiting: set[str] = set()
         self._told: set[str] = set()
         self._also = also
+        self.wildcard: ssl.SSLContext | None = None  # the operator's *.DOMAIN certificate
+        self.domain = ""
 
     def sni_callback(self, sslobj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
                      context: ssl.SSLContext) -> None:
@@ -188,8 +191,14 @@ class NamedContexts:
             if found is not None:
                 sslobj.context = found
 
+    def use_wildcard(self, context: ssl.SSLContext, domain: str) -> None:
+        """Serve every ``NAME.domain`` with ``context`` (the operator's wildcard certificate)."""
+        self.wildcard, self.domain = context, domain
+
     def get(self, name: str) -> ssl.SSLContext | None:
         """The context for a handshake asking for ``name`` (lower case), None for the main."""
+        if self.wildcard is not None:
+            return self.wildcard if name_in(name, self.domain) is not None else None
         found = self._contexts.get(name)
         if found is None and name in self._waiting and name not in self._told:
             self._told.add(name)
