@@ -441,7 +441,7 @@ class Connection(HiddenSide, MobileSide, Relaying):
                              responses.bare_error(429, DIAG_TOO_MANY, extra=header), status=429)
                 return
             self.state = VERIFYING
-            hub.spawn(self._verify(decision))
+            self._verify_soon(decision)
         elif isinstance(decision, Pair):
             try:
                 request_body(head)  # its body must be one we can find the end of

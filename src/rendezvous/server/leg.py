@@ -188,13 +188,20 @@ class LegBase(asyncio.Protocol):
                       if self.reader.trailing and self.state == HEAD else b"")
             self._reject("head timeout", answer, status=408)
 
+    def _kept_entry(self, uuid: str) -> Entry | None:
+        """The entry for ``uuid`` kept in memory (server/hub.py's EntryCache) if the registry
+        vouches that it is current, else None."""
+        hub = self.hub
+        entry = hub.entries.get(uuid)
+        return entry if entry is not None and hub.registry.fresh() else None
+
     async def _lookup(self, uuid: str, cached: bool = True) -> Entry | None:
         """The registry's entry for ``uuid``: the one kept in memory when the registry vouches
-        for it (server/hub.py's EntryCache) and ``cached``, else read (and kept)."""
+        for it and ``cached``, else read (and kept)."""
         hub = self.hub
         cache = hub.entries
-        entry = cache.get(uuid) if cached else None
-        if entry is not None and hub.registry.fresh():
+        entry = self._kept_entry(uuid) if cached else None
+        if entry is not None:
             return entry
         generation = cache.generation
         entry = await hub.registry.get(uuid)
@@ -262,7 +269,7 @@ class LegBase(asyncio.Protocol):
 
     # Provided by the parts (mixins) ------------------------------------------------------
 
-    async def _verify(self, park: Park) -> None:
+    def _verify_soon(self, park: Park) -> None:
         raise NotImplementedError  # (in hidden_side.py)
 
     def evict(self, reason: str) -> None:
