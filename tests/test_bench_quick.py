@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 110.0  # the tiny run takes under 30 s; this bounds a broken one
 
 CYCLE_FIGURES = ("rate", "p50", "p99", "cpu")
-BULK_FIGURES = {f"{figure}.{what}" for figure in ("down", "up", "both", "4pairings")
+BULK_FIGURES = {f"{figure}.{what}" for figure in ("down", "up", "both", "4pairings", "downraw")
                 for what in ("mbs", "cpu")}
 TINY_PARKED = (100, 300)  # bench.run's SCALES["tiny"].parked
 
@@ -78,6 +78,26 @@ def test_every_target_has_a_verdict(results: dict[str, object]) -> None:
     for target in targets:
         assert isinstance(target["passed"], bool)
         assert target["measured"] > 0, target
+    issue_15 = " | ".join(t["name"] for t in targets if t["issue"] == "#15")
+    for needle in ("TLS relay CPU per pairing", "ours / floor", "plain relay CPU per pairing",
+                   "framed (per-request routing) / raw"):
+        assert needle in issue_15
+
+
+def test_the_floor_is_two_handshakes_below_what_a_relay_spends(
+        results: dict[str, object]) -> None:
+    """The floor (bench/floor.py) is measured in the run, with the relays' cipher, and is
+    below either relay's CPU per TLS pairing (each does those two handshakes and more)."""
+    details = results["details"]
+    assert isinstance(details, dict)
+    floor = details["tls"]["floor"]
+    assert floor["cipher"] == details["tls"]["cycles"]["1"]["ours"]["cipher"][0]
+    assert floor["handshake_ms"] > 0 and floor["pairing_ms"] == 2 * floor["handshake_ms"]
+    rows = {row["key"]: row for row in results["rows"]}  # type: ignore[union-attr]
+    for concurrency in (1, 50):
+        row = rows[f"tls.cycles.c{concurrency}.cpu"]
+        assert row["floor"] == floor["pairing_ms"]
+        assert row["floor"] < min(row["ours"], row["haproxy"])
 
 
 def test_the_runs_were_clean(results: dict[str, object]) -> None:
