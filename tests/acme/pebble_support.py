@@ -10,15 +10,22 @@ import shutil
 import socket
 import ssl
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+from harness import ServerThread
 from support import free_port, stop_process, tail, wait_for_port
 
+from rendezvous.server.certificates import CertificateManager
 from rendezvous.tls import generate_self_signed
+
+# The relay's main name in these tests; pebble's DNS resolves every name to 127.0.0.1.
+MAIN_NAME = "relay.test"
 
 
 @dataclass
@@ -98,3 +105,47 @@ def fingerprint(port: int, name: str, root_pem: str | None = None) -> bytes:
         der = tls.getpeercert(binary_form=True)
         assert der is not None
         return der
+
+
+class PebbleTrustingRelay(ServerThread):
+    """A relay on its own loop whose clients (the tests' hidden servers) trust pebble's root
+    and reach it by its main name; with the certificate manager's state at hand."""
+
+    root_pem = ""
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cadata=self.root_pem)
+
+    def connect(self, timeout: float = 5.0, source: str | None = None) -> socket.socket:
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        return self.client_context().wrap_socket(raw, server_hostname=MAIN_NAME)
+
+    @property
+    def manager(self) -> CertificateManager:
+        found = self.server.certificates
+        assert found is not None
+        return found
+
+    def state(self, read: Callable[[CertificateManager], Any]) -> Any:
+        """Read the certificate manager's state on the relay's loop."""
+        return self.sync(lambda: read(self.manager))
+
+    def served(self, host: str = MAIN_NAME) -> bytes:
+        """The certificate a real handshake for ``host`` gets, checked against pebble's root."""
+        return fingerprint(self.port, host, self.root_pem)
+
+    def trusted(self, host: str = MAIN_NAME) -> bool:
+        """Whether a handshake for ``host`` gets a certificate pebble issued for that name."""
+        try:
+            self.served(host)
+        except ssl.SSLCertVerificationError:
+            return False
+        return True
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)

@@ -20,7 +20,7 @@ import requests
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from harness import HiddenHTTPService, ServerThread, recv_until
-from pebble_support import Pebble, run_pebble
+from pebble_support import MAIN_NAME, Pebble, PebbleTrustingRelay, fingerprint, run_pebble
 from requests.adapters import HTTPAdapter
 from requests.auth import HTTPDigestAuth
 from support import free_port
@@ -36,7 +36,7 @@ from rendezvous.config import (
 from rendezvous.server.certificates import ACME_IDENTIFIER_OID, ALPN_ACME, Challenges
 from rendezvous.tls import ensure_self_signed
 
-NAME = "relay.test"
+NAME = MAIN_NAME
 DER = Encoding.DER
 
 pytestmark = pytest.mark.skipif(shutil.which("pebble") is None,
@@ -49,18 +49,9 @@ def pebble(tmp_path: Path) -> Iterator[Pebble]:
 
 
 
-class AcmeServer(ServerThread):
+class AcmeServer(PebbleTrustingRelay):
     """A relay whose clients (the hidden service's parked connections) trust pebble's root and
     reach it by its certified name."""
-
-    root_pem: str
-
-    def client_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cadata=self.root_pem)
-
-    def connect(self, timeout: float = 5.0, source: str | None = None) -> socket.socket:
-        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
-        return self.client_context().wrap_socket(raw, server_hostname=NAME)
 
 
 def start_relay(pebble: Pebble, data_dir: Path) -> AcmeServer:
@@ -87,19 +78,8 @@ class _ByName(HTTPAdapter):
 
 def served_certificate(port: int, root_pem: str | None = None) -> bytes:
     """The DER certificate the relay presents to a handshake for NAME (verified against
-    pebble's root when given)."""
-    if root_pem:
-        context = ssl.create_default_context(cadata=root_pem)
-    else:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
-            context.wrap_socket(raw, server_hostname=NAME) as tls:
-        der = tls.getpeercert(binary_form=True)
-        assert tls.selected_alpn_protocol() is None
-        assert der is not None
-        return der
+    pebble's root when given); no ALPN offered, so never the challenge certificate's."""
+    return fingerprint(port, NAME, root_pem)
 
 
 def wait_issued(server: AcmeServer, orders: int = 1, timeout: float = 30.0) -> None:

@@ -8,27 +8,29 @@ must stay free of certificates) on a real redis-server.
 
 from __future__ import annotations
 
-import socket
-import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
-from harness import ServerThread
-from pebble_support import Pebble, fingerprint, run_pebble
+from pebble_support import (
+    MAIN_NAME,
+    Pebble,
+    PebbleTrustingRelay,
+    fingerprint,
+    run_pebble,
+    wait_for,
+)
 from support import free_port
 
 from rendezvous.config import AcmeConfig, ClusterConfig, Limits, ServerConfig
 from rendezvous.registry import Entry, new_secret
-from rendezvous.server.certificates import CertificateManager
 from rendezvous.server.certstore import REDIS_PREFIX, RedisStore
 from rendezvous.tls import ensure_self_signed
 
-DOMAIN = "relay.test"
+DOMAIN = MAIN_NAME
 CLUSTER_KEY = "acme-cluster-key-0123456789"
 LOCK = REDIS_PREFIX + "lock"
 
@@ -39,33 +41,8 @@ def pebble(tmp_path: Path) -> Iterator[Pebble]:
 
 
 
-class Node(ServerThread):
+class Node(PebbleTrustingRelay):
     """One relay node; clients trust pebble's root."""
-
-    root_pem = ""
-
-    def client_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cadata=self.root_pem)
-
-    def connect(self, timeout: float = 5.0, source: str | None = None) -> socket.socket:
-        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
-        return self.client_context().wrap_socket(raw, server_hostname=DOMAIN)
-
-    def state(self, read: Callable[[CertificateManager], Any]) -> Any:
-        manager = self.server.certificates
-        assert manager is not None
-        return self.sync(lambda: read(manager))
-
-    def served(self, host: str = DOMAIN) -> bytes:
-        """The certificate a real handshake for ``host`` gets, checked against pebble's root."""
-        return fingerprint(self.port, host, self.root_pem)
-
-    def trusted(self, host: str = DOMAIN) -> bool:
-        try:
-            self.served(host)
-        except ssl.SSLCertVerificationError:
-            return False
-        return True
 
 
 @pytest.fixture
@@ -92,14 +69,6 @@ def start_node(pebble: Pebble, tmp_path: Path, name: str, port: int, registry_ur
                         retry_first=1.0, order_timeout=20.0, sync_interval=1.0, lock_ttl=lock_ttl))
     Node.root_pem = pebble.root_pem
     return Node(config)
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_one_node_orders_every_node_answers_and_serves(pebble: Pebble, tmp_path: Path,

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,21 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from harness import HiddenHTTPService, ServerThread
-from pebble_support import Pebble, fingerprint, run_pebble
+from harness import HiddenHTTPService
+from pebble_support import (
+    MAIN_NAME,
+    Pebble,
+    PebbleTrustingRelay,
+    fingerprint,
+    run_pebble,
+    wait_for,
+)
 
 from rendezvous.config import AcmeConfig, Limits, ServerConfig, TLSConfig
 from rendezvous.registry import Entry, new_secret, open_registry
-from rendezvous.server.certificates import CertificateManager
 from rendezvous.tls import ensure_self_signed, generate_self_signed
 
-DOMAIN = "relay.test"
+DOMAIN = MAIN_NAME
 # The "hour" of the orders-per-hour limit here: long enough that a name added right after the
 # main certificate's order certainly falls inside it, short enough for the suite.
 WINDOW = 8.0
@@ -39,27 +44,8 @@ def pebble(tmp_path: Path) -> Iterator[Pebble]:
 
 
 
-class NamedAcmeRelay(ServerThread):
+class NamedAcmeRelay(PebbleTrustingRelay):
     """A relay whose hidden servers trust pebble's root and park by the relay's main name."""
-
-    root_pem = ""
-
-    def client_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cadata=self.root_pem)
-
-    def connect(self, timeout: float = 5.0, source: str | None = None) -> socket.socket:
-        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
-        return self.client_context().wrap_socket(raw, server_hostname=DOMAIN)
-
-    @property
-    def manager(self) -> CertificateManager:
-        found = self.server.certificates
-        assert found is not None
-        return found
-
-    def state(self, read: Callable[[CertificateManager], Any]) -> Any:
-        """Read the certificate manager's state on the relay's loop."""
-        return self.sync(lambda: read(self.manager))
 
 
 def start_relay(pebble: Pebble, data_dir: Path, registry_url: str,
@@ -81,14 +67,6 @@ def trusted(port: int, host: str, root_pem: str) -> bool:
     except ssl.SSLCertVerificationError:
         return False
     return True
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def named(name: str) -> Entry:
