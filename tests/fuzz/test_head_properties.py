@@ -42,6 +42,7 @@ from rendezvous.protocol.head import (
     find_head_end,
     parse_head,
 )
+from rendezvous.protocol.proxy import starts_with_proxy
 from rendezvous.protocol.routing import Challenge, Pair, Park, Refuse, route
 from rendezvous.registry import Entry
 
@@ -489,7 +490,9 @@ def test_any_bytes_at_a_live_relay_get_an_error_or_a_close(
             if answer:
                 assert answer.startswith(b"HTTP/1.1 ") and answer[9:12].isdigit(), answer[:80]
             if mode == "open" and HEAD_END not in data:
-                if b"\n\n" in data[:LIVE_MAX_HEAD]:  # a bare-LF blank line: refused at once
+                if b"\n\n" in data[:LIVE_MAX_HEAD] or starts_with_proxy(data):
+                    # A bare-LF blank line, or a PROXY header from an address not trusted to
+                    # send one: refused at once, whatever follows.
                     assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
                 elif len(data) > LIVE_MAX_HEAD:
                     assert answer.startswith(b"HTTP/1.1 431 "), answer[:80]
