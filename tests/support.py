@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import subprocess
 import time
@@ -10,12 +11,41 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel picks for outgoing connections and ``bind(0)``."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Ports free_port() hands out lie below the kernel's ephemeral range: the thousands of outgoing
+# connections (and bind-0 listeners) of a test run draw from that range, and one of them took a
+# port between free_port() and a node's bind often enough to fail a test now and then.
+_PORT_HIGH = _ephemeral_low() - 1
+_PORT_LOW = max(1024, _PORT_HIGH - 12000)
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (another process could take it before we do)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port nothing listens on right now, not handed out before in this process (another
+    process could still take it before we do, but no outgoing connection will)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(500):
+        port = random.randint(_PORT_LOW, _PORT_HIGH)
+        if port in _handed_out:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    with socket.socket(family, socket.SOCK_STREAM) as sock:  # the range is crowded: any port
+        sock.bind((host, 0))
+        found: int = sock.getsockname()[1]
+        return found
 
 
 def port_open(host: str, port: int) -> bool:
