@@ -14,9 +14,7 @@ import base64
 import binascii
 import contextlib
 import json
-import os
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,14 @@ from rendezvous.errors import ProvisioningError, RendezvousError
 from rendezvous.protocol.totp import MAX_DIGITS as MAX_DIGITS  # for the CLI and admin
 from rendezvous.protocol.totp import MIN_DIGITS as MIN_DIGITS  # for the CLI and admin
 from rendezvous.registry.base import DEFAULT_DIGITS, DEFAULT_STEP, Entry
-from rendezvous.tls import CERT_FILE, cert_names, default_names, is_self_signed, read_cert_pem
+from rendezvous.tls import (
+    CERT_FILE,
+    cert_names,
+    default_names,
+    is_self_signed,
+    read_cert_pem,
+    write_private,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +84,7 @@ def write_private_json(doc: dict[str, Any], path: Path | str) -> None:
     target = Path(path)
     data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # mkstemp creates the file 0600; a rename then swaps it in whole, so neither a reader nor
-    # a crash ever sees a half-written secret, and an old file's wider mode is not inherited.
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_private(target, data)
 
 
 def load_provisioning(path: Path | str) -> Provisioning:

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import ssl
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -132,7 +133,7 @@ def generate_self_signed(
         serialization.NoEncryption(),
     )
     try:
-        _write_private(Path(key_path), key_pem)
+        write_private(Path(key_path), key_pem)
         Path(cert_path).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     except OSError as exc:
         raise ConfigError(
@@ -140,13 +141,20 @@ def generate_self_signed(
         ) from exc
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by the owner only, from the first byte on."""
-    # os.open with a mode, rather than write-then-chmod, so the key is never world-readable.
-    path.unlink(missing_ok=True)  # an existing file would keep its old, perhaps wider, mode
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``, readable by the owner only from the first byte, replacing any
+    file there atomically (keys, account data, provisioning files)."""
+    # mkstemp creates the file 0600 (never world-readable, not even for a moment); the rename
+    # swaps it in whole, so neither a reader nor a crash sees half a secret, and an old file's
+    # wider mode is not inherited.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def default_names() -> list[str]:

@@ -67,9 +67,8 @@ from rendezvous.server.certstore import (
     CertificateStore,
     FileStore,
     RedisStore,
-    write_private,
 )
-from rendezvous.tls import TLS12_CIPHERS
+from rendezvous.tls import TLS12_CIPHERS, write_private
 
 if TYPE_CHECKING:
     from rendezvous.registry import Registry

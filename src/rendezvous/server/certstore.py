@@ -16,13 +16,14 @@ import abc
 import contextlib
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
+
+from rendezvous.tls import write_private
 
 if TYPE_CHECKING:
     import redis
@@ -335,16 +336,6 @@ class RedisStore(CertificateStore):
 
     def close(self) -> None:
         self.client.close()
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (mode 0600 from the first byte), replacing it atomically."""
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(partial, path)
 
 
 def _safe(slot: str) -> str:
