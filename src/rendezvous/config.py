@@ -217,12 +217,15 @@ class AcmeHttpConfig:
 
 
 DEFAULT_CLUSTER_TTL = 6.0  # seconds a relay node stays listed in Redis without a heartbeat
-# Internal connections kept open and idle, ready, to each other node: a forwarded client then
-# waits for no TCP and TLS handshake. A few cover bursts; each costs a descriptor on both nodes.
-DEFAULT_CLUSTER_POOL = 4
-# An idle pooled internal connection is closed after this long: a peer that vanished without a
-# FIN (a partition) costs at most this, and a quiet cluster keeps no connections.
-DEFAULT_CLUSTER_POOL_IDLE = 10.0
+# Bytes a forwarded client may have in flight, each way, on an internal link before the receiving
+# node has passed them on: what a slow visitor can make the other node hold for it. It must
+# cover the link's bandwidth times its round trip (256 KiB: 1 Gbit/s at 2 ms).
+DEFAULT_CLUSTER_WINDOW = 256 * 1024
+# An internal link that has said nothing (not even its keepalive, sent after a third of this)
+# for this long is closed: a node that vanished without a FIN costs at most this.
+DEFAULT_CLUSTER_LINK_TIMEOUT = 10.0
+# IDs whose last forwarding node is remembered (their next client skips the Redis lookup).
+DEFAULT_CLUSTER_ROUTES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,8 +239,9 @@ class ClusterConfig:
     cluster_key: str = field(repr=False)
     advertise: str | None = None  # host:port other nodes dial; default the internal address
     ttl: float = DEFAULT_CLUSTER_TTL
-    pool: int = DEFAULT_CLUSTER_POOL  # idle internal connections kept per other node; 0: none
-    pool_idle: float = DEFAULT_CLUSTER_POOL_IDLE  # seconds one may wait idle in the pool
+    window: int = DEFAULT_CLUSTER_WINDOW  # per forwarded client, each way, on a link
+    link_timeout: float = DEFAULT_CLUSTER_LINK_TIMEOUT  # seconds a silent link is kept
+    routes: int = DEFAULT_CLUSTER_ROUTES  # remembered ID -> node; 0: always ask Redis
 
 
 @dataclass(frozen=True, slots=True)

@@ -139,25 +139,25 @@ class RelayCollector(Collector):
 
 
 def _cluster_metrics(forwarded: int, internal: dict[str, int]) -> Iterable[Metric]:
-    """A node of a cluster: clients handed to other nodes, and its internal connections."""
+    """A node of a cluster: clients handed to other nodes, its internal links and streams."""
     yield CounterMetricFamily(
         f"{PREFIX}_cluster_forwarded", "Mobile clients handed to another node.", value=forwarded)
-    yield CounterMetricFamily(
-        f"{PREFIX}_cluster_internal_opened",
-        "Internal connections this node opened to other nodes (one TLS handshake each).",
-        value=internal["internal_opened"])
-    yield CounterMetricFamily(
-        f"{PREFIX}_cluster_internal_reused",
-        "Forwarded clients sent on an internal connection established beforehand (pooled).",
-        value=internal["internal_reused"])
-    yield GaugeMetricFamily(
-        f"{PREFIX}_cluster_internal_idle",
-        "Established internal connections waiting idle in this node's pools now.",
-        value=internal["internal_idle"])
-    yield CounterMetricFamily(
-        f"{PREFIX}_cluster_internal_accepted",
-        "Internal connections other nodes opened to this one.",
-        value=internal["internal_accepted"])
+    for name, kind, text in (
+        ("links_opened", CounterMetricFamily,
+         "Internal links this node opened to other nodes (one TLS handshake each)."),
+        ("links", GaugeMetricFamily, "Internal links this node has open to others now."),
+        ("links_accepted", CounterMetricFamily,
+         "Internal links other nodes opened to this one."),
+        ("streams_out", CounterMetricFamily,
+         "Forwarded clients this node sent to others, one stream each on a link."),
+        ("streams_in", CounterMetricFamily,
+         "Forwarded clients other nodes sent to this one."),
+        ("route_hits", CounterMetricFamily,
+         "Clients taken by the node that took their ID's last client (no Redis lookup)."),
+        ("route_misses", CounterMetricFamily,
+         "Clients refused by that node (nothing parked there any more): then Redis is asked."),
+    ):
+        yield kind(f"{PREFIX}_cluster_{name}", text, value=internal[name])
 
 
 def _bound(bound: float) -> str:

@@ -33,9 +33,10 @@ from rendezvous.config import (
     DEFAULT_ACME_ORDERS_PER_HOUR,
     DEFAULT_ADMIN_HOST,
     DEFAULT_ADMIN_PORT,
-    DEFAULT_CLUSTER_POOL,
-    DEFAULT_CLUSTER_POOL_IDLE,
+    DEFAULT_CLUSTER_LINK_TIMEOUT,
+    DEFAULT_CLUSTER_ROUTES,
     DEFAULT_CLUSTER_TTL,
+    DEFAULT_CLUSTER_WINDOW,
     DEFAULT_ENTRY_CACHE,
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HEAD_TIMEOUT,
@@ -446,15 +447,21 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
                          default=DEFAULT_CLUSTER_TTL,
                          help="a node that stops heartbeating is forgotten after this long "
                               "(default: %(default)s)")
-    cluster.add_argument("--cluster-pool", metavar="N", type=int_in(0),
-                         default=DEFAULT_CLUSTER_POOL,
-                         help="internal connections kept open, idle, to each other node, so a "
-                              "forwarded client waits for no handshake; 0: open one per client "
+    cluster.add_argument("--cluster-window", metavar="BYTES", type=int_in(16 * 1024, 2**30),
+                         default=DEFAULT_CLUSTER_WINDOW,
+                         help="bytes a forwarded client may have in flight each way on an "
+                              "internal link before the other node has passed them on: the most "
+                              "a slow client makes a node hold for it; at least bandwidth x "
+                              "round trip between nodes (default: %(default)s)")
+    cluster.add_argument("--cluster-link-timeout", metavar="SECONDS",
+                         type=seconds(allow_zero=False), default=DEFAULT_CLUSTER_LINK_TIMEOUT,
+                         help="an internal link silent this long (no keepalive either) is "
+                              "closed with its clients (default: %(default)s)")
+    cluster.add_argument("--cluster-routes", metavar="N", type=int_in(0),
+                         default=DEFAULT_CLUSTER_ROUTES,
+                         help="IDs whose last forwarding node is remembered, so their next "
+                              "client skips the Redis lookup; 0: always look up "
                               "(default: %(default)s)")
-    cluster.add_argument("--cluster-pool-idle", metavar="SECONDS",
-                         type=seconds(allow_zero=False), default=DEFAULT_CLUSTER_POOL_IDLE,
-                         help="an unused pooled internal connection is closed after this long; "
-                              "the same on every node (default: %(default)s)")
 
 
 def _cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
@@ -475,8 +482,9 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig | None:
         advertise = "{}:{}".format(*address(advertise, "--advertise", host_port(None, None)))
     return ClusterConfig(redis_url=args.cluster, node_id=args.node_id or socket.gethostname(),
                          internal_host=host, internal_port=port, cluster_key=args.cluster_key,
-                         advertise=advertise, ttl=args.cluster_ttl, pool=args.cluster_pool,
-                         pool_idle=args.cluster_pool_idle)
+                         advertise=advertise, ttl=args.cluster_ttl,
+                         window=args.cluster_window, link_timeout=args.cluster_link_timeout,
+                         routes=args.cluster_routes)
 
 
 def _add_admin_page(p: argparse.ArgumentParser) -> None:

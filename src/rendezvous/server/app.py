@@ -20,7 +20,7 @@ from rendezvous.errors import ConfigError, RendezvousError
 from rendezvous.registry import Registry, open_registry
 from rendezvous.server.connection import INTERNAL, Connection, LegBase, remember_sni
 from rendezvous.server.hub import Hub
-from rendezvous.server.leg import tune_listener, unused_internal
+from rendezvous.server.leg import tune_listener
 from rendezvous.server.memory import MemoryTrimmer
 from rendezvous.server.revocation import RevocationWatch
 from rendezvous.tls import server_ssl_context
@@ -214,13 +214,12 @@ class RendezvousServer:
             cluster, loop=hub.loop, parked_count=hub.parked_count, parked_ids=hub.parked_ids,
             spawn=hub.spawn, handshake_timeout=hub.limits.head_timeout)
         try:
-            await member.start(lambda: Connection(hub, INTERNAL), idle=unused_internal)
+            await member.start(lambda: Connection(hub, INTERNAL))
         except BaseException:
             await member.close()
             await self.close(grace=0)
             raise
         self.cluster = hub.cluster = member
-        hub.internal_idle = cluster.pool_idle
         hub.on_pool_change = member.pool_changed
 
     async def _start_admin(self) -> None:

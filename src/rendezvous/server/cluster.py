@@ -8,26 +8,27 @@ Each node publishes, in Redis:
   written when its pools change (batched, at most every ``FLUSH_INTERVAL``).
 
 A node that gets a mobile client for an ID with no local parked connection asks Redis which live
-nodes hold one (one round trip: a Lua script reads the hash and drops dead nodes), connects to
-that node's internal listener, and sends it the mobile client's request head untouched plus every
-byte after it. The holding node treats that connection exactly like a mobile client of its own
+nodes hold one (one round trip: a Lua script reads the hash and drops dead nodes), opens a stream
+to that node on its internal link, and sends it the mobile client's request head untouched plus
+every byte after it. The holding node treats that stream exactly like a mobile client of its own
 (it strips ``Authorization``, pairs, relays); this node then relays bytes between the mobile
-client and the internal connection. Internal connections are never forwarded again, so a request
-crosses at most one hop.
+client and the stream. Streams from other nodes are never forwarded again, so a request crosses
+at most one hop.
+
+Each node keeps one internal link to every node it forwards to (``server/links.py``): a
+mutual-TLS connection carrying every forwarded client as a stream, so a forwarded client costs
+no handshake. The node also remembers where each ID was last paired (``routes``, bounded): the
+next client of that ID goes straight there as a *probe*, with no Redis round trip, and the
+holding node refuses it at once when it has nothing parked for it any more; only then is Redis
+asked.
 
 The internal listener speaks mutual TLS whose only trust anchor is a certificate derived from the
 cluster key: only nodes holding the key can connect, or be connected to.
 
-An internal connection carries one client (a pairing ends with a close, as on the public side), so
-each forwarded client costs one handshake; :class:`InternalPools` does it ahead of time. Each node
-keeps up to ``pool`` established connections idle towards every node it forwards to, refilled in
-the background after each use, taken newest first, closed after ``pool_idle`` unused, and checked
-(open, TCP established, nothing read) right before a client's bytes are written to one.
-
 This module is imported only by a relay started with ``--cluster`` (it pulls in ``redis`` and
 ``cryptography``). It knows nothing of the hub or of connections: the member is given callables
-(read a pool's size, list the pooled IDs, run a job) and offers ``locate`` and ``dial``, the
-:class:`~rendezvous.server.hub.Cluster` interface the connections use.
+(read a pool's size, list the pooled IDs, run a job) and offers ``locate``, ``route`` and
+``dial``, the :class:`~rendezvous.server.hub.Cluster` interface the connections use.
 """
 
 from __future__ import annotations
@@ -37,15 +38,11 @@ import contextlib
 import datetime
 import hashlib
 import logging
-import socket
 import ssl
 import tempfile
-import weakref
-from collections import Counter
 from collections.abc import Callable, Collection, Coroutine
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from cryptography import x509
@@ -56,6 +53,7 @@ from redis.exceptions import RedisError
 
 from rendezvous import logs
 from rendezvous.config import ClusterConfig
+from rendezvous.server.links import Link, LinkDialer, LinkStream
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
 
@@ -63,12 +61,8 @@ KEY_PREFIX = "rendezvous:"
 FLUSH_INTERVAL = 0.02  # pool changes reach Redis within this many seconds
 RESYNC_EVERY = 10  # heartbeats between full rewrites of our counts (after a Redis restart)
 CLUSTER_CERT_NAME = "rendezvous-cluster"
-# A pool is refilled this long after a connection is taken: past the exchange that took it (a
-# handshake is ~1 ms of CPU on each node, on the loop that serves that client).
-REFILL_DELAY = 0.01
-TCP_ESTABLISHED = b"\x01"  # the first byte of Linux's struct tcp_info: tcpi_state
-# Why opening an internal connection fails: refused, reset, unreachable, a handshake with a node
-# that has another cluster key (or none), the handshake timeout, a malformed address.
+# Why opening an internal link fails: refused, reset, unreachable, a handshake with a node that
+# has another cluster key (or none), the handshake timeout, a malformed address.
 DIAL_ERRORS = (OSError, ssl.SSLError, TimeoutError, ValueError)
 
 # Which live nodes hold a parked connection for KEYS[1]; prunes fields of dead nodes.
@@ -146,209 +140,13 @@ def cluster_ssl_contexts(cluster_key: str) -> tuple[ssl.SSLContext, ssl.SSLConte
     return server, client
 
 
-@dataclass(slots=True)
-class _Pooled(Generic[P]):
-    """One established internal connection waiting, idle, in a pool."""
-
-    transport: asyncio.Transport
-    protocol: P
-    since: float  # loop time it joined the pool
-    usable: Callable[[P], bool]  # the caller's own check of its protocol (e.g. nothing read)
-
-
-class InternalPools:
-    """Established internal connections to other nodes, ready for forwarded clients.
-
-    One pool per node address (``host:port``), each holding at most ``size`` idle connections
-    plus refills under way, so a burst of clients opens its extra connections for itself and
-    none of them is kept. :meth:`get` takes the newest live one (or opens one when none is),
-    then refills the pool in the background a moment later. A connection unused for ``idle``
-    seconds is closed; one that died meanwhile (its node went away, closed it, sent something)
-    is dropped when it is looked at, and never handed out. A node that cannot be reached has
-    its pool drained. ``open_connection(address, factory)`` opens one connection and returns
-    ``(transport, protocol)``.
-    """
-
-    def __init__(
-        self, open_connection: Callable[[str, Callable[[], Any]],
-                                        Coroutine[Any, Any, tuple[asyncio.Transport, Any]]],
-        *, loop: asyncio.AbstractEventLoop, size: int, idle: float,
-    ) -> None:
-        self._open = open_connection
-        self.loop = loop
-        self.size = size
-        self.idle = idle
-        self._pools: dict[str, list[_Pooled[Any]]] = {}  # per address, oldest first
-        self._filling: Counter[str] = Counter()  # refills under way, per address
-        self._failing: set[str] = set()  # addresses whose last refill failed (logged once)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._refills: dict[str, asyncio.TimerHandle] = {}  # refills about to start
-        self._closed = False
-        self.opened = 0  # internal connections opened (each one TLS handshake)
-        self.reused = 0  # forwarded clients sent on a connection from a pool
-
-    async def get(self, address: str, factory: Callable[[], P], usable: Callable[[P], bool]) -> P:
-        """A live connection to ``address``: a pooled one, else a new one (which may raise any
-        of :data:`DIAL_ERRORS`; then that node's pool is drained). ``usable(protocol)`` says
-        whether a pooled connection's protocol may still carry a client.
-
-        A pooled connection is returned without yielding to the loop after its check, so the
-        caller writes to it before anything else can happen to it."""
-        pooled = self._take(address)
-        if pooled is not None:
-            self.reused += 1
-            self._refill_soon(address, factory, usable)
-            return cast(P, pooled.protocol)
-        try:
-            _, protocol = await self._open(address, factory)
-        except DIAL_ERRORS:
-            self.drain(address)
-            raise
-        self.opened += 1
-        self._refill_soon(address, factory, usable)
-        return cast(P, protocol)
-
-    def idle_count(self, address: str | None = None) -> int:
-        """Live idle connections in ``address``'s pool, or in every pool."""
-        for pool_address in list(self._pools) if address is None else [address]:
-            self._prune(pool_address)
-        if address is not None:
-            return len(self._pools.get(address, ()))
-        return sum(len(pool) for pool in self._pools.values())
-
-    def drain(self, address: str) -> None:
-        """Close every idle connection to ``address`` (that node went away)."""
-        pool = self._pools.pop(address, [])
-        for pooled in pool:
-            pooled.transport.close()
-        if pool:
-            logs.event("cluster pool drained", address=address, closed=len(pool))
-
-    async def close(self) -> None:
-        """Close every idle connection and stop the refills."""
-        self._closed = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        for handle in self._refills.values():
-            handle.cancel()
-        self._refills.clear()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for address in list(self._pools):
-            for pooled in self._pools.pop(address):
-                pooled.transport.close()
-
-    def _alive(self, pooled: _Pooled[Any], now: float) -> bool:
-        return (now - pooled.since < self.idle and not pooled.transport.is_closing()
-                and pooled.usable(pooled.protocol) and _established(pooled.transport))
-
-    def _take(self, address: str) -> _Pooled[Any] | None:
-        pool = self._pools.get(address)
-        now = self.loop.time()
-        while pool:
-            pooled = pool.pop()  # the newest: the most likely alive
-            if self._alive(pooled, now):
-                return pooled
-            pooled.transport.close()
-        return None
-
-    def _prune(self, address: str) -> None:
-        """Close and forget the connections of ``address``'s pool that are dead or expired."""
-        pool = self._pools.get(address)
-        if pool is None:
-            return
-        now = self.loop.time()
-        kept = []
-        for pooled in pool:
-            if self._alive(pooled, now):
-                kept.append(pooled)
-            else:
-                pooled.transport.close()
-        if kept:
-            self._pools[address] = kept
-        else:
-            del self._pools[address]
-
-    def _refill_soon(self, address: str, factory: Callable[[], P],
-                     usable: Callable[[P], bool]) -> None:
-        """Top the pool up a moment from now: after the exchange that took the connection
-        rather than during it, and one batch for the connections taken meanwhile."""
-        if self._closed or self.size == 0 or address in self._refills:
-            return
-        self._refills[address] = self.loop.call_later(REFILL_DELAY, self._refill, address,
-                                                      factory, usable)
-
-    def _refill(self, address: str, factory: Callable[[], P], usable: Callable[[P], bool]) -> None:
-        self._refills.pop(address, None)
-        if self._closed:
-            return
-        self._prune(address)
-        missing = self.size - len(self._pools.get(address, ())) - self._filling[address]
-        for _ in range(missing):
-            self._filling[address] += 1
-            task = self.loop.create_task(self._fill(address, factory, usable))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _fill(self, address: str, factory: Callable[[], P],
-                    usable: Callable[[P], bool]) -> None:
-        try:
-            transport, protocol = await self._open(address, factory)
-        except DIAL_ERRORS as exc:
-            if address not in self._failing:
-                self._failing.add(address)
-                logs.event("cluster pool refill failed", level=logging.WARNING,
-                           address=address, error=str(exc) or type(exc).__name__)
-            self.drain(address)
-            return
-        finally:
-            self._filling[address] -= 1
-            if self._filling[address] <= 0:
-                del self._filling[address]
-        self.opened += 1
-        self._failing.discard(address)
-        if self._closed:
-            transport.close()
-            return
-        self._pools.setdefault(address, []).append(
-            _Pooled(transport, protocol, self.loop.time(), cast(Callable[[Any], bool], usable)))
-        if self._sweeper is None:
-            self._sweeper = self.loop.call_later(self.idle / 4, self._sweep)
-
-    def _sweep(self) -> None:
-        """Now and then while anything is pooled: close what expired or died."""
-        self._sweeper = None
-        for address in list(self._pools):
-            self._prune(address)
-        if self._pools and not self._closed:
-            self._sweeper = self.loop.call_later(self.idle / 4, self._sweep)
-
-
-def _established(transport: asyncio.BaseTransport) -> bool:
-    """Whether the kernel still sees the connection as established (no FIN or RST from the
-    peer yet, which the loop may not have read); True where this cannot be asked."""
-    sock = transport.get_extra_info("socket")
-    if sock is None or not hasattr(socket, "TCP_INFO"):
-        return True
-    try:
-        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) == TCP_ESTABLISHED)
-    except OSError:
-        return False
-
-
 class ClusterMember:
-    """This node's presence in the cluster: heartbeat, published counts, lookups, dialling.
+    """This node's presence in the cluster: heartbeat, published counts, lookups, links.
 
     ``parked_count(ID)`` and ``parked_ids()`` read this node's pools; ``spawn`` runs a
     background job holding a reference to it; ``handshake_timeout`` bounds the TLS handshakes
-    of internal connections, both ways. Call :meth:`pool_changed` whenever a pool changes.
-    ``internal`` holds the established connections to other nodes (:class:`InternalPools`).
+    of internal links, both ways. Call :meth:`pool_changed` whenever a pool changes.
+    ``links`` holds this node's links to the others (:class:`~rendezvous.server.links.LinkDialer`).
     """
 
     def __init__(
@@ -375,27 +173,33 @@ class ClusterMember:
         self._heartbeat: asyncio.Task[None] | None = None
         self._listener: asyncio.Server | None = None
         self._healthy = True
-        self.internal = InternalPools(self._open, loop=loop, size=config.pool,
-                                      idle=config.pool_idle)
-        # Connections other nodes opened to us, and how to tell one idle in their pool.
-        self._accepted: weakref.WeakSet[asyncio.BaseProtocol] = weakref.WeakSet()
-        self._accepted_idle: Callable[[Any], bool] = lambda _: False
-        self.accepted = 0  # internal connections other nodes opened to this one
+        self.links = LinkDialer(self._open, loop=loop, window=config.window,
+                                timeout=config.link_timeout)
+        self._accepted_links: set[Link] = set()  # links other nodes opened to this one
+        self.accepted = 0  # links other nodes opened to this one, in all
+        self.accepted_streams = 0  # forwarded clients other nodes sent us
+        # Where each ID was last paired through another node (insertion order = age).
+        self._routes: dict[str, tuple[str, str]] = {}
+        self.route_hits = 0  # clients a remembered node took, with no Redis lookup
+        self.route_misses = 0  # clients a remembered node refused (nothing parked there now)
 
-    async def start(self, protocol_factory: Callable[[], P],
-                    idle: Callable[[P], bool] | None = None) -> None:
-        """Listen on the internal address and join the cluster. ``idle(protocol)`` tells an
-        accepted connection that has carried nothing yet (one waiting in the other node's
-        pool): those are closed first when this node leaves."""
+    async def start(self, protocol_factory: Callable[[], asyncio.Protocol]) -> None:
+        """Listen on the internal address and join the cluster. Every stream another node
+        opens here gets a protocol from ``protocol_factory``."""
         loop = self.loop
-        if idle is not None:
-            self._accepted_idle = cast(Callable[[Any], bool], idle)
 
-        def accept() -> P:
+        def stream_opened(stream: LinkStream) -> None:
             protocol = protocol_factory()
-            self._accepted.add(protocol)
+            stream.set_protocol(protocol)
+            self.accepted_streams += 1
+            protocol.connection_made(stream)
+
+        def accept() -> Link:
             self.accepted += 1
-            return protocol
+            link = Link(loop=loop, window=self.config.window, timeout=self.config.link_timeout,
+                        on_stream=stream_opened, on_closed=self._accepted_links.discard)
+            self._accepted_links.add(link)
+            return link
 
         self._listener = await loop.create_server(
             accept, host=self.config.internal_host, port=self.config.internal_port,
@@ -409,7 +213,9 @@ class ClusterMember:
         logs.event("cluster joined", node=self.config.node_id, internal=self.advertise)
 
     async def close(self) -> None:
-        """Leave the cluster: stop listening, withdraw our entries."""
+        """Leave the cluster: stop listening, withdraw our entries, and say GOAWAY on every
+        link (no new streams either way; a link closes with its last stream, so pairings
+        under way get the shutdown's grace)."""
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -418,25 +224,23 @@ class ClusterMember:
             self._flush_handle.cancel()
         if self._listener is not None:
             self._listener.close()
-        await self.internal.close()
+        self.links.goaway()
+        for link in list(self._accepted_links):
+            link.goaway()
         with contextlib.suppress(RedisError, OSError):
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.delete(self._node_key)
                 for uuid in self._published:
                     pipe.hdel(self._parked_key(uuid), self.config.node_id)
                 await pipe.execute()
-        # Other nodes no longer find us; what they still hold idle for us would only wait
-        # for the end of the shutdown grace: closed now, so they drop it and open elsewhere.
-        for protocol in list(self._accepted):
-            transport = getattr(protocol, "transport", None)
-            if transport is not None and self._accepted_idle(protocol):
-                transport.close()
         await self.redis.aclose()
 
     def status(self) -> dict[str, int]:
-        """Internal connection counts, for ``rendezvous status``."""
-        return {"internal_opened": self.internal.opened, "internal_reused": self.internal.reused,
-                "internal_idle": self.internal.idle_count(), "internal_accepted": self.accepted}
+        """Internal link counts, for ``rendezvous status``."""
+        return {"links_opened": self.links.opened, "links": self.links.link_count(),
+                "links_accepted": self.accepted, "links_in": len(self._accepted_links),
+                "streams_out": self.links.streams, "streams_in": self.accepted_streams,
+                "route_hits": self.route_hits, "route_misses": self.route_misses}
 
     # Publishing ------------------------------------------------------------------------
 
@@ -525,17 +329,42 @@ class ClusterMember:
             return True
         return bool(held)
 
-    async def dial(self, address: str, factory: Callable[[], P],
-                   usable: Callable[[P], bool]) -> P:
-        """A mutual-TLS connection to the internal listener of the node at ``address``
-        (``host:port``): an established one from its pool when one is live (``usable`` checks
-        its protocol), else a new one that the protocol ``factory`` makes. OSError,
-        ssl.SSLError, TimeoutError (after ``handshake_timeout``) or ValueError (a malformed
-        address) when it cannot."""
-        return await self.internal.get(address, factory, usable)
+    async def dial(self, address: str, factory: Callable[[], P], *, probe: bool = False) -> P:
+        """A new stream, whose protocol ``factory`` makes, to the node at ``address``
+        (``host:port``) on the link to it (opened first if there is none). With ``probe`` the
+        stream's transport (a :class:`~rendezvous.server.links.LinkStream`) has an ``answer``.
+        OSError, ssl.SSLError, TimeoutError (after ``handshake_timeout``) or ValueError (a
+        malformed address) when it cannot."""
+        return await self.links.open_stream(address, factory, probe=probe)
+
+    # Remembered locations ------------------------------------------------------------
+
+    def route(self, uuid: str) -> tuple[str, str] | None:
+        """The node (node-id, address) that last took a client of ``uuid`` from us, if any."""
+        return self._routes.get(uuid)
+
+    def remember_route(self, uuid: str, node: str, address: str) -> None:
+        routes = self._routes
+        if self.config.routes <= 0:
+            return
+        routes.pop(uuid, None)  # (moved to the newest end)
+        routes[uuid] = (node, address)
+        if len(routes) > self.config.routes:
+            del routes[next(iter(routes))]  # the oldest
+
+    def route_answered(self, uuid: str, taken: bool) -> None:
+        """A probe of the remembered node was taken or refused (then forgotten)."""
+        if taken:
+            self.route_hits += 1
+        else:
+            self.route_misses += 1
+            self._routes.pop(uuid, None)
+
+    def forget_route(self, uuid: str) -> None:
+        self._routes.pop(uuid, None)
 
     async def _open(self, address: str,
-                    factory: Callable[[], P]) -> tuple[asyncio.Transport, P]:
+                    factory: Callable[[], Link]) -> tuple[asyncio.BaseTransport, Link]:
         host, _, port = address.rpartition(":")
         transport, protocol = await asyncio.wait_for(self.loop.create_connection(
             factory, host.strip("[]"), int(port), ssl=self.client_context,

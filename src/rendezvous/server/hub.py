@@ -154,14 +154,26 @@ class Cluster(Protocol):
     async def locate(self, uuid: str) -> list[tuple[str, str]]:
         """Other live nodes holding a parked connection for ``uuid``: ``[(node, address)]``."""
 
-    async def dial(self, address: str, factory: Callable[[], P],
-                   usable: Callable[[P], bool]) -> P:
-        """A connection to a node's internal listener speaking ``factory()``'s protocol: one
-        opened ahead of time whose protocol is still ``usable``, or a new one; OSError,
-        ssl.SSLError, TimeoutError or ValueError when it cannot."""
+    async def dial(self, address: str, factory: Callable[[], P], *, probe: bool = False) -> P:
+        """A new stream to a node, on this node's internal link to it, speaking
+        ``factory()``'s protocol; with ``probe``, its transport's ``answer`` says whether that
+        node took the client. OSError, ssl.SSLError, TimeoutError or ValueError when it
+        cannot."""
+
+    def route(self, uuid: str) -> tuple[str, str] | None:
+        """The node (node, address) that last took a client of ``uuid`` from this one."""
+
+    def remember_route(self, uuid: str, node: str, address: str) -> None:
+        """``node`` took a client of ``uuid``: ask it first next time."""
+
+    def route_answered(self, uuid: str, taken: bool) -> None:
+        """The remembered node took (or refused, then it is forgotten) a probed client."""
+
+    def forget_route(self, uuid: str) -> None:
+        """The remembered node of ``uuid`` could not be reached."""
 
     def status(self) -> dict[str, int]:
-        """Counts of the internal connections, for ``rendezvous status``."""
+        """Counts of the internal links and streams, for ``rendezvous status``."""
 
     async def claim_code(self, uuid: str, code: str, address: str, seconds: float) -> bool:
         """Claim ``code`` of ``uuid`` for ``address`` on every node for ``seconds``; False when
@@ -271,9 +283,6 @@ class Hub(Generic[L]):
         self.proxy_from: tuple[IPNetwork, ...] = ()
         self.add_forwarded = False  # serve --forwarded: a Forwarded header in each head passed on
         self.challenges: TlsChallenges | None = None  # serve --acme: TLS-ALPN-01 ones pending
-        # Cluster: seconds an internal connection may wait for its first head beyond
-        # head_timeout (the other node keeps it idle in its pool until a client comes).
-        self.internal_idle = 0.0
         # Called with an ID whenever its pool grows or shrinks (the cluster publishes sizes).
         self.on_pool_change: Callable[[str], None] | None = None
         self.stats = Stats()

@@ -175,10 +175,7 @@ class LegBase(asyncio.Protocol):
     def _arm_head_timer(self) -> None:
         self._cancel_timer()
         hub = self.hub
-        timeout = hub.limits.head_timeout
-        if self.kind == INTERNAL:  # (it may wait in the other node's pool first)
-            timeout += hub.internal_idle
-        self.timer = hub.loop.call_later(timeout, self._head_timed_out)
+        self.timer = hub.loop.call_later(hub.limits.head_timeout, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
         self.timer = None
@@ -328,10 +325,3 @@ class LegBase(asyncio.Protocol):
 
     def _finish_refused(self, head: RequestHead, close: bool) -> None:
         raise NotImplementedError  # (in connection.py)
-
-
-def unused_internal(leg: LegBase) -> bool:
-    """Whether ``leg`` is an internal connection that has carried nothing yet: one the other
-    node holds idle in its pool (server/cluster.py)."""
-    return (leg.kind == INTERNAL and leg.state == HEAD and leg.head is None
-            and not leg.reader.trailing)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import ssl
+from typing import cast
 
 from rendezvous import logs
 from rendezvous.protocol import digest, responses
@@ -20,6 +21,7 @@ from rendezvous.server.hub import Cluster
 from rendezvous.server.leg import (
     FORWARD_RETRY_FIRST,
     FORWARD_RETRY_MAX,
+    INTERNAL,
     OUTBOUND,
     PUBLIC,
     RELAYING,
@@ -27,6 +29,7 @@ from rendezvous.server.leg import (
     WAITING,
     LegBase,
 )
+from rendezvous.server.links import LinkStream, accept_probe, is_unanswered_probe
 
 
 class MobileSide(LegBase):
@@ -38,6 +41,13 @@ class MobileSide(LegBase):
         hub = self.hub
         self._cancel_timer()
         hidden = hub.take(self.uuid)
+        if self.kind == INTERNAL and is_unanswered_probe(self.transport):
+            # The node that sent it guessed from an earlier pairing: take it, or refuse it at
+            # once (a close before any byte) so that node asks Redis for the right one.
+            if hidden is None:
+                self._close()
+                return
+            accept_probe(self.transport)
         if hidden is not None:
             self.pair_with(hidden)
             return
@@ -75,17 +85,27 @@ class MobileSide(LegBase):
     async def _forward(self, cluster: Cluster) -> None:
         """Hand this client to another node that holds a parked connection for its ID.
 
-        Meanwhile it keeps waiting here too: whichever comes first, a local park or a remote
-        node, wins. With none yet, Redis is asked again (more and more slowly) until pair_wait
-        runs out: the hidden server is often re-parking somewhere just then.
+        The node that took this ID's last client is asked first, with no Redis lookup (a
+        probe: it refuses at once if nothing is parked there now). Otherwise Redis says who
+        holds one. Meanwhile the client keeps waiting here too: whichever comes first, a local
+        park or a remote node, wins. With none yet, Redis is asked again (more and more
+        slowly) until pair_wait runs out: the hidden server is often re-parking somewhere.
         """
-        # The first lookup runs during the visitor check (a read of Redis: no node sees the
-        # request before the check passes), saving the forwarded client one round trip.
-        located = self.hub.loop.create_task(cluster.locate(self.uuid))
-        allowed = await self._check_visitor_early()  # here, before any node sees a guess
-        found = await located
-        if not allowed:
-            return
+        route = cluster.route(self.uuid)
+        if route is not None:
+            if not await self._check_visitor_early() or self.state != WAITING:
+                return
+            if await self._forward_to(cluster, *route, probe=True):
+                return
+            found = await cluster.locate(self.uuid) if self.state == WAITING else []
+        else:
+            # The lookup runs during the visitor check (a read of Redis: no node sees the
+            # request before the check passes), saving the forwarded client one round trip.
+            located = self.hub.loop.create_task(cluster.locate(self.uuid))
+            allowed = await self._check_visitor_early()  # here, before any node sees a guess
+            found = await located
+            if not allowed:
+                return
         delay = FORWARD_RETRY_FIRST
         while self.state == WAITING:
             for node, address in found:
@@ -101,28 +121,55 @@ class MobileSide(LegBase):
             delay = min(delay * 2, FORWARD_RETRY_MAX)
             found = await cluster.locate(self.uuid) if self.state == WAITING else []
 
-    async def _forward_to(self, cluster: Cluster, node: str, address: str) -> bool:
-        """Connect to ``node``'s internal listener and relay this client through it."""
+    async def _forward_to(self, cluster: Cluster, node: str, address: str, *,
+                          probe: bool = False) -> bool:
+        """Relay this client through a stream to ``node``. A ``probe`` (``node`` is where the
+        ID was paired last) sends the request first and links only once ``node`` takes it:
+        False when it refuses, and then nothing of the client has reached anyone."""
         hub = self.hub
+        head = self.head
+        assert head is not None
+        if probe:
+            hub.stop_waiting(self)  # not paired here meanwhile: that node may be pairing it
         try:
             outbound = await cluster.dial(address, lambda: type(self)(hub, OUTBOUND),
-                                          _unused_outbound)
+                                          probe=probe)
         except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
             logs.event("forward failed", level=logging.WARNING, id=self.uuid, node=node,
                        address=address, error=str(exc) or type(exc).__name__)
+            if probe:
+                cluster.forget_route(self.uuid)
+                self._wait_again()
             return False
         if self.state != WAITING:  # paired here meanwhile, or gave up
-            outbound.transport.close()  # (a pooled one too: the pool refills itself)
+            outbound.transport.close()
             return True
+        # (Authorization kept: that node routes by it; the Forwarded header is ours to add.)
+        request = head.forwarded(strip_authorization=False, extra=self._forwarded())
+        if probe:
+            outbound.transport.write(request)
+            stream = cast(LinkStream, outbound.transport)
+            assert stream.answer is not None
+            taken = await stream.answer
+            cluster.route_answered(self.uuid, taken)
+            if not taken:
+                self._wait_again()
+                return False
+            if self.state != WAITING:  # gave up meanwhile (pair_wait, or left)
+                outbound.transport.abort()
+                return True
         hub.stop_waiting(self)
         self._cancel_timer()
-        assert self.head is not None
-        # (Authorization kept: that node routes by it; the Forwarded header is ours to add.)
-        self._link(outbound, self.head.forwarded(strip_authorization=False,
-                                                 extra=self._forwarded()))
+        self._link(outbound, request, written=probe)
+        cluster.remember_route(self.uuid, node, address)
         hub.forwarded()
         logs.event("forwarded", id=self.uuid, mobile=self._peer_text(), node=node)
         return True
+
+    def _wait_again(self) -> None:
+        """Back in this node's waiting line after a probe came to nothing."""
+        if self.state == WAITING:
+            self.hub.wait_for(self)
 
     def _not_found(self) -> None:
         """No parked connection came for this ID in time: 404."""
@@ -232,10 +279,10 @@ class MobileSide(LegBase):
         logs.event("paired", id=self.uuid, mobile=self._peer_text(), hidden=hidden._peer_text(),
                    latency=f"{latency * 1000:.1f}ms")
 
-    def _link(self, other: LegBase, request: bytes) -> float:
-        """Join this mobile leg to ``other`` (a parked leg, or a connection to the node that
-        holds one): send it ``request`` and every byte read past it, then relay both ways.
-        Returns the seconds since the client's head arrived."""
+    def _link(self, other: LegBase, request: bytes, *, written: bool = False) -> float:
+        """Join this mobile leg to ``other`` (a parked leg, or a stream to the node that holds
+        one): send it ``request`` (unless ``written`` already) and every byte read past it,
+        then relay both ways. Returns the seconds since the client's head arrived."""
         hub = self.hub
         head = self.head
         assert head is not None
@@ -246,7 +293,8 @@ class MobileSide(LegBase):
         answers.expect(head.method)
         if other.send_proxy:  # (a leg to another node has none: that node's hidden leg may)
             other.transport.write(self._proxy_header(other.send_proxy))
-        other.transport.write(request)
+        if not written:
+            other.transport.write(request)
         self.received = len(request)
         early = other.reader.take_trailing()
         if early:  # (a hidden server that spoke first: passed on, and followed)
@@ -276,9 +324,3 @@ class MobileSide(LegBase):
                 other._close_leg()
         return latency
 
-
-def _unused_outbound(leg: LegBase) -> bool:
-    """Whether a connection we opened to another node, idle in the pool, may still carry a
-    client: open as far as we know, unlinked, and silent (that node sends nothing first)."""
-    return (leg.kind == OUTBOUND and leg.state == WAITING and leg.peer is None
-            and not leg.eof and not leg.reader.trailing)
