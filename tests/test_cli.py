@@ -320,10 +320,13 @@ def test_cert_command(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--cluster-pool", "-1"], "argument --cluster-pool: must be at least 0, not -1"),
-    (["--cluster-pool-idle", "0"], "argument --cluster-pool-idle: must be more than 0 seconds"),
+    (["--cluster-routes", "-1"], "argument --cluster-routes: must be at least 0, not -1"),
+    (["--cluster-window", "1000"],
+     "argument --cluster-window: must be from 16384 to 1073741824, not 1000"),
+    (["--cluster-link-timeout", "0"],
+     "argument --cluster-link-timeout: must be more than 0 seconds"),
 ])
-def test_cluster_pool_settings_are_checked(tmp_path: Path, flags: list[str],
+def test_cluster_link_settings_are_checked(tmp_path: Path, flags: list[str],
                                            message: str) -> None:
     result = rendezvous("serve", *flags, cwd=tmp_path)
     assert result.code == 2, result.err
