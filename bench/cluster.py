@@ -3,15 +3,17 @@
     .venv/bin/python -m bench.cluster [--cycles 400] [--rounds 20] [--mebibytes 256] [--quick]
 
 Starts a real redis-server and three `rendezvous serve --cluster` nodes on loopback: A, where a
-hidden server keeps connections parked; B, which forwards to A over its pool of established
-internal connections (``--cluster-pool``, the default); C, which forwards with no pool (a new
-internal TLS connection per client, as before the pool). Mobile clients measure the full cycle
+hidden server keeps connections parked; B, which forwards to A as a stream on its one internal
+link and, remembering where the ID was paired, skips the Redis lookup (the defaults); C, which
+forwards on its link too but looks each client up in Redis (``--cluster-routes 0``). Mobile
+clients measure the full cycle
 (TLS handshake, request, response, close) through A (local), B and C, in rounds that take turns
 (so the machine's other load falls on every path alike), then the throughput of one pairing
 and the CPU each process spent on it.
 
 Printed: p50/p99 per path; the target line of issue 15, forwarded p50 <= local p50 + 1 ms
-(PASS/MISS, both from this run); B's internal connections (opened, taken from the pool); and
+(PASS/MISS, both from this run); B's links and streams (links opened, clients sent, remembered
+routes taken and refused); and
 the throughput two relay hops allow here: each process (a relay node, or this bench's client
 and hidden server, one interpreter) is one loop on one core, so a path moves at most
 min(1 / its busiest process's CPU seconds per MB, cores / all its processes' CPU seconds per
@@ -242,7 +244,7 @@ def main() -> int:
     redis_port = free_port()
     procs = [subprocess.Popen([redis_server, "--port", str(redis_port), "--bind", "127.0.0.1",
                                "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)]
-    paths = {"local": "A", "forwarded": "B", "forwarded, no pool": "C"}
+    paths = {"local": "A", "forwarded": "B", "forwarded, Redis lookup": "C"}
     latencies: dict[str, list[float]] = {path: [] for path in paths}
     # CPU seconds each process spent during each path's cycles (the others idle meanwhile).
     cycle_cpu: dict[str, dict[str, float]] = {path: dict.fromkeys("ABC", 0.0) | {"bench": 0.0}
@@ -259,14 +261,14 @@ def main() -> int:
         for name in "ABC":
             ports[name] = port = free_port()
             (work / name).mkdir()
-            pool = ["--cluster-pool", "0"] if name == "C" else []  # B, A: the default pool
+            lookup = ["--cluster-routes", "0"] if name == "C" else []  # B, A: the defaults
             node = subprocess.Popen(
                 [sys.executable, "-m", "rendezvous", "serve", "--host", "127.0.0.1", "--port",
                  str(port), "--cert", str(cert), "--key", str(key), "--registry", registry_url,
                  "--data-dir", str(work / name),
                  "--cluster", f"redis://127.0.0.1:{redis_port}/1", "--node-id", name,
                  "--internal", f"127.0.0.1:{free_port()}", "--settle", "0",
-                 "--log-format", "json", *pool],
+                 "--log-format", "json", *lookup],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 env={**os.environ, "RENDEZVOUS_CLUSTER_KEY": CLUSTER_KEY})
             procs.append(node)
@@ -275,7 +277,7 @@ def main() -> int:
         hidden = Hidden(ports["A"], entry, context, pool=4)
         hidden.start()
         time.sleep(0.5)
-        for name in paths.values():  # warm up: imports, the registry, B's pool
+        for name in paths.values():  # warm up: imports, the registry, the links
             cycles(ports[name], context, entry.uuid, 5, deadline)
         time.sleep(0.2)
         order = list(paths)
@@ -341,9 +343,9 @@ def main() -> int:
     print(f"forwarded throughput: {forwarded['bulk_mb_per_s']:.0f} MB/s of the "
           f"{forwarded['bulk_bound_mb_per_s']:.0f} MB/s its processes' CPU allows on {cores} "
           f"cores (local: {local['bulk_mb_per_s']:.0f} of {local['bulk_bound_mb_per_s']:.0f})")
-    opened, reused = internal.get("internal_opened", 0), internal.get("internal_reused", 0)
-    print(f"B's internal connections: {opened} opened, {reused} clients sent on a pooled one, "
-          f"{internal.get('internal_idle', 0)} idle now")
+    print(f"B's internal links: {internal.get('links_opened', 0)} opened, "
+          f"{internal.get('streams_out', 0)} clients sent on them; remembered routes: "
+          f"{internal.get('route_hits', 0)} taken, {internal.get('route_misses', 0)} refused")
     if args.json:
         args.json.write_text(json.dumps({"paths": results, "target_extra_ms": TARGET_EXTRA_MS,
                                          "extra_ms": extra, "verdict": verdict,
