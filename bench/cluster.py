@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -48,6 +50,7 @@ from rendezvous.tls import generate_self_signed
 CLUSTER_KEY = "bench-cluster-key-0123456789"
 PARKED = b"HTTP/1.1 200\r\n\r\n"
 DEADLINE = 300.0  # seconds: the whole run stops by then, whatever the counts
+PROFILE_SECONDS = 15.0  # --profile: how long py-spy records each node
 TARGET_EXTRA_MS = 1.0  # issue 15: a forwarded pairing's p50 at most this above a local one
 
 
@@ -214,6 +217,28 @@ def hop_bound(figures: dict[str, float], cores: int) -> float:
     return min(1 / max(costs), cores / sum(costs))
 
 
+def profile_forwarding(out: Path, work: Path, pids: dict[str, int],
+                       workload: Callable[[], object]) -> None:
+    """py-spy on the holding node (A) and the forwarding one (B) while ``workload`` runs."""
+    from bench.procs import Profiler
+    from bench.profile import summarize
+
+    out.mkdir(parents=True, exist_ok=True)
+    profilers = {name: Profiler(pids[name], PROFILE_SECONDS, work / f"profile-{name}.raw")
+                 for name in "AB"}
+    try:
+        workload()
+    finally:
+        for name, profiler in profilers.items():
+            raw = profiler.finish()
+            role = "holding node" if name == "A" else "forwarding node"
+            title = (f"py-spy record --native --rate {profiler.rate} on {name} ({role}) during "
+                     f"sequential forwarded cycles through B, {datetime.date.today()}")
+            (out / f"profile-cluster-{name}.txt").write_text(
+                summarize(raw, title, PROFILE_SECONDS, profiler.rate))
+            print(f"profile of {name}: {out / f'profile-cluster-{name}.txt'}")
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
@@ -230,6 +255,9 @@ def main() -> int:
                         help="bulk transfers per path (the best is shown)")
     parser.add_argument("--quick", action="store_true", help="small counts (CI)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="afterwards, py-spy on A and on B during more forwarded cycles: "
+                             "DIR/profile-cluster-{A,B}.txt")
     args = parser.parse_args()
     if args.quick:
         args.cycles, args.rounds, args.mebibytes, args.bulk_runs = 60, 6, 16, 1
@@ -297,6 +325,9 @@ def main() -> int:
                     for _ in range(args.bulk_runs) if time.monotonic() < deadline]
             throughput[path] = max(runs, key=lambda run: run["mb_per_s"])
         internal = ask_relay(work / "B" / f"relay-{ports['B']}.sock").get("cluster", {})
+        if args.profile is not None:
+            profile_forwarding(args.profile, work, pids, lambda: cycles(
+                ports["B"], context, entry.uuid, 100_000, time.monotonic() + PROFILE_SECONDS))
         hidden.stop.set()
     finally:
         for proc in reversed(procs):

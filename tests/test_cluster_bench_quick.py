@@ -2,8 +2,8 @@
 
 It runs ``python -m bench.cluster --quick`` as a person would (redis-server and three relay
 nodes as real subprocesses) and checks that every figure is there and positive, and that the
-forwarding node sent every client on its one internal link, most with no Redis lookup. No timing thresholds: this machine's speed
-is not under test here, the benchmark is.
+forwarding node sent every client on its one internal link, most with no Redis lookup. No timing
+thresholds: this machine's speed is not under test here, the benchmark is.
 """
 
 from __future__ import annotations

@@ -291,6 +291,7 @@ class Link(asyncio.Protocol):
         self.sockname: Any = None
         self.streams: dict[int, LinkStream] = {}
         self._reader = mux.FrameReader()
+        self._out: list[bytes] = []  # frames queued in this turn of the loop
         self._next_id = 1
         self._receiving: LinkStream | None = None  # the stream of the DATA payload arriving
         self.writing_paused = False
@@ -376,9 +377,21 @@ class Link(asyncio.Protocol):
     # Both ends ---------------------------------------------------------------------------
 
     def send(self, frame: bytes) -> None:
+        """Queue a frame: what one turn of the loop sends leaves in one write (one TLS record
+        and one system call, not one per frame: on loopback a write costs the receiver's TCP
+        work too)."""
         if not self.closed and self.transport is not None:
             self._sent = True
-            self.transport.write(frame)
+            out = self._out
+            out.append(frame)
+            if len(out) == 1:
+                self.loop.call_soon(self._write_out)
+
+    def _write_out(self) -> None:
+        out = self._out
+        if out and not self.closed and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
@@ -399,6 +412,7 @@ class Link(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            self._write_out()
             self.closed = True
             self.transport.close()
 
