@@ -217,26 +217,29 @@ def hop_bound(figures: dict[str, float], cores: int) -> float:
     return min(1 / max(costs), cores / sum(costs))
 
 
-def profile_forwarding(out: Path, work: Path, pids: dict[str, int],
+def profile_forwarding(out: Path, work: Path, pids: dict[str, int], phase: str,
                        workload: Callable[[], object]) -> None:
-    """py-spy on the holding node (A) and the forwarding one (B) while ``workload`` runs."""
+    """py-spy on the holding node (A) and the forwarding one (B) while ``workload`` runs:
+    DIR/profile-cluster-{phase}-{A,B}.txt."""
     from bench.procs import Profiler
     from bench.profile import summarize
 
     out.mkdir(parents=True, exist_ok=True)
-    profilers = {name: Profiler(pids[name], PROFILE_SECONDS, work / f"profile-{name}.raw")
-                 for name in "AB"}
+    profilers = {name: Profiler(pids[name], PROFILE_SECONDS,
+                                work / f"profile-{phase}-{name}.raw") for name in "AB"}
     try:
         workload()
     finally:
         for name, profiler in profilers.items():
             raw = profiler.finish()
             role = "holding node" if name == "A" else "forwarding node"
+            what = ("sequential forwarded cycles" if phase == "cycles"
+                    else "forwarded bulk downloads")
             title = (f"py-spy record --native --rate {profiler.rate} on {name} ({role}) during "
-                     f"sequential forwarded cycles through B, {datetime.date.today()}")
-            (out / f"profile-cluster-{name}.txt").write_text(
-                summarize(raw, title, PROFILE_SECONDS, profiler.rate))
-            print(f"profile of {name}: {out / f'profile-cluster-{name}.txt'}")
+                     f"{what} through B, {datetime.date.today()}")
+            path = out / f"profile-cluster-{phase}-{name}.txt"
+            path.write_text(summarize(raw, title, PROFILE_SECONDS, profiler.rate))
+            print(f"profile of {name} ({phase}): {path}")
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -256,8 +259,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small counts (CI)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--profile", type=Path, metavar="DIR",
-                        help="afterwards, py-spy on A and on B during more forwarded cycles: "
-                             "DIR/profile-cluster-{A,B}.txt")
+                        help="afterwards, py-spy on A and on B during more forwarded cycles, "
+                             "then bulk downloads: DIR/profile-cluster-{cycles,bulk}-{A,B}.txt")
     args = parser.parse_args()
     if args.quick:
         args.cycles, args.rounds, args.mebibytes, args.bulk_runs = 60, 6, 16, 1
@@ -326,8 +329,12 @@ def main() -> int:
             throughput[path] = max(runs, key=lambda run: run["mb_per_s"])
         internal = ask_relay(work / "B" / f"relay-{ports['B']}.sock").get("cluster", {})
         if args.profile is not None:
-            profile_forwarding(args.profile, work, pids, lambda: cycles(
+            profile_forwarding(args.profile, work, pids, "cycles", lambda: cycles(
                 ports["B"], context, entry.uuid, 100_000, time.monotonic() + PROFILE_SECONDS))
+            bulk_until = time.monotonic() + PROFILE_SECONDS
+            profile_forwarding(args.profile, work, pids, "bulk", lambda: [
+                request(ports["B"], context, entry.uuid, f"/bulk/{args.mebibytes << 20}")
+                for _ in range(1000) if time.monotonic() < bulk_until])
         hidden.stop.set()
     finally:
         for proc in reversed(procs):

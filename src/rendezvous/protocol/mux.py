@@ -49,9 +49,6 @@ PROBE: Final = 1  # OPEN flag
 
 MAX_STREAM_ID: Final = 2**32 - 1
 
-_DATA = DATA
-
-
 class LinkProtocolError(Exception):
     """The peer broke the link's rules (an unknown kind, more data than its credit): the link
     is closed, since nothing after such a frame can be trusted to be in step."""
@@ -60,11 +57,6 @@ class LinkProtocolError(Exception):
 def frame(kind: int, stream: int = 0, value: int = 0) -> bytes:
     """A frame without payload."""
     return HEADER.pack(kind, stream, value)
-
-
-def data_frame(stream: int, payload: bytes | bytearray | memoryview) -> bytes:
-    """A DATA frame carrying ``payload``, as one buffer (one TLS record, one write)."""
-    return b"".join((HEADER.pack(_DATA, stream, len(payload)), payload))
 
 
 @dataclass(slots=True)

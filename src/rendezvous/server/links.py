@@ -37,6 +37,8 @@ LOW_WATER = 16 * 1024
 # every other stream less often (each pause and resume visits them all).
 LINK_HIGH_WATER = 1024 * 1024
 LINK_LOW_WATER = 256 * 1024
+# A DATA payload this large is written at once instead of with the loop turn's other frames.
+WRITE_AT_ONCE = 16 * 1024
 SILENT_TICKS = 3  # keepalive ticks (a third of the timeout each) without a frame: link dead
 
 
@@ -56,7 +58,9 @@ class LinkStream(asyncio.Transport):
         self._credit = window  # bytes we may still send before the peer grants more
         self._allowance = window  # bytes the peer may still send us
         self._unacked = 0  # bytes passed to our protocol not yet granted back as credit
-        self._pending = bytearray()  # written, waiting for credit
+        # Written, waiting for credit: immutable pieces, split without copying (memoryview).
+        self._pending: deque[bytes | memoryview] = deque()
+        self._pending_size = 0
         self._inbox: deque[bytes] = deque()  # received while our protocol paused reading
         self._reading = True
         self._draining = False  # an inbox drain is scheduled
@@ -102,12 +106,15 @@ class LinkStream(asyncio.Transport):
             return
         if self._unanswered:
             self.accept()
+        if not isinstance(data, bytes):
+            data = bytes(data)  # (a caller may reuse a mutable buffer; bytes are kept as is)
         size = len(data)
         if not self._pending and size <= self._credit:
             self._credit -= size
-            self.link.send(mux.data_frame(self.id, data))
+            self.link.send_data(self.id, data)
             return
-        self._pending += data
+        self._pending.append(data)
+        self._pending_size += size
         self._flush()
 
     def writelines(self, list_of_data: Any) -> None:
@@ -119,14 +126,14 @@ class LinkStream(asyncio.Transport):
     def write_eof(self) -> None:
         if self._closing or self._closed or self._eof_out or self._eof_after_flush:
             return
-        if self._pending:
+        if self._pending_size:
             self._eof_after_flush = True
             return
         self._eof_out = True
         self.link.send(mux.frame(mux.EOF, self.id))
 
     def get_write_buffer_size(self) -> int:
-        return len(self._pending)
+        return self._pending_size
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return LOW_WATER, HIGH_WATER
@@ -140,7 +147,7 @@ class LinkStream(asyncio.Transport):
         self._closing = True
         self._reading = False
         self._inbox.clear()
-        if not self._pending:
+        if not self._pending_size:
             self._finish(send_close=True)
         # else: CLOSE follows the last queued byte (_flush)
 
@@ -148,7 +155,7 @@ class LinkStream(asyncio.Transport):
         if self._closed:
             return
         self._closing = True
-        self._pending.clear()
+        self._drop_pending()
         self._inbox.clear()
         self._finish(send_close=True)
 
@@ -203,7 +210,7 @@ class LinkStream(asyncio.Transport):
 
     def _granted(self, credit: int) -> None:
         self._credit += credit
-        if self._pending:
+        if self._pending_size:
             self._flush()
 
     def _accepted(self) -> None:
@@ -217,25 +224,37 @@ class LinkStream(asyncio.Transport):
             return
         while self._inbox and not self._closing:
             self._pass_on(self._inbox.popleft())
-        self._pending.clear()
+        self._drop_pending()
         self._finish(send_close=False)
 
     def _link_lost(self, exc: Exception | None) -> None:
         if self._closed:
             return
-        self._pending.clear()
+        self._drop_pending()
         self._inbox.clear()
         self._finish(send_close=False, exc=exc)
 
     # Internals ---------------------------------------------------------------------------
 
+    def _drop_pending(self) -> None:
+        self._pending.clear()
+        self._pending_size = 0
+
     def _flush(self) -> None:
         pending = self._pending
         while pending and self._credit > 0:
-            size = min(len(pending), self._credit)
+            piece = pending[0]
+            size = len(piece)
+            if size > self._credit:
+                view = memoryview(piece)
+                size = self._credit
+                pending[0] = view[size:]
+                piece = view[:size]
+            else:
+                pending.popleft()
             self._credit -= size
-            self.link.send(mux.data_frame(self.id, pending[:size]))
-            del pending[:size]
+            self._pending_size -= size
+            self.link.send_data(self.id, piece)
         if not pending:
             if self._eof_after_flush and not self._eof_out:
                 self._eof_after_flush = False
@@ -250,7 +269,7 @@ class LinkStream(asyncio.Transport):
         """Tell our protocol to pause or resume writing, from our queue and the link's state."""
         if self._closed or self.protocol is None:
             return
-        queued = len(self._pending)
+        queued = self._pending_size
         if self._writing_paused:
             if not self.link.writing_paused and queued <= LOW_WATER:
                 self._writing_paused = False
@@ -291,7 +310,7 @@ class Link(asyncio.Protocol):
         self.sockname: Any = None
         self.streams: dict[int, LinkStream] = {}
         self._reader = mux.FrameReader()
-        self._out: list[bytes] = []  # frames queued in this turn of the loop
+        self._out: list[bytes | memoryview] = []  # what this turn of the loop sends
         self._next_id = 1
         self._receiving: LinkStream | None = None  # the stream of the DATA payload arriving
         self.writing_paused = False
@@ -377,9 +396,8 @@ class Link(asyncio.Protocol):
     # Both ends ---------------------------------------------------------------------------
 
     def send(self, frame: bytes) -> None:
-        """Queue a frame: what one turn of the loop sends leaves in one write (one TLS record
-        and one system call, not one per frame: on loopback a write costs the receiver's TCP
-        work too)."""
+        """Queue a frame: what one turn of the loop sends leaves in one write (one system
+        call, not one per frame: on loopback a write costs the receiver's TCP work too)."""
         if not self.closed and self.transport is not None:
             self._sent = True
             out = self._out
@@ -387,11 +405,22 @@ class Link(asyncio.Protocol):
             if len(out) == 1:
                 self.loop.call_soon(self._write_out)
 
+    def send_data(self, stream_id: int, payload: bytes | memoryview) -> None:
+        """Queue a DATA frame of immutable bytes (or a view of them). Its payload is never
+        copied here: header and payload go to the TLS layer side by side (``writelines``),
+        which encrypts them from where they are. A large payload leaves at once, with what
+        is queued before it: held until the loop's next turn, several reads' worth of large
+        buffers would be alive together, and glibc would grow and trim its heap (a brk call)
+        for each."""
+        self.send(mux.HEADER.pack(mux.DATA, stream_id, len(payload)))
+        self._out.append(payload)
+        if len(payload) >= WRITE_AT_ONCE:
+            self._write_out()
+
     def _write_out(self) -> None:
-        out = self._out
+        out, self._out = self._out, []
         if out and not self.closed and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-        out.clear()
+            self.transport.writelines(out)
 
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
