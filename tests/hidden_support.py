@@ -12,6 +12,8 @@ import json
 import random
 import re
 import signal
+import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ from typing import Any
 
 from harness import ServerThread
 
+from rendezvous.protocol.proxy import V2_SIGNATURE
 from rendezvous.provisioning import provisioning_document, write_provisioning
 from rendezvous.registry import Entry
 
@@ -146,6 +149,61 @@ class LocalHTTP:
         assert self._thread is not None
         self._thread.join(5)
         self._server = self._thread = None
+
+
+class ProxyHeaderService:
+    """A local service that expects a PROXY header (v1 or v2) before HTTP, on 127.0.0.1 in a
+    thread: it answers JSON of the header it got (``header``, hex) and the request line, and
+    closes. ``close()`` stops it."""
+
+    def __init__(self) -> None:
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _ProxyHeaderHandler)
+        self._server.daemon_threads = True
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
+                                        kwargs={"poll_interval": 0.05})
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+class _ProxyHeaderHandler(socketserver.StreamRequestHandler):
+    timeout = 30
+
+    def handle(self) -> None:
+        first = self.rfile.read(12)
+        if first == V2_SIGNATURE:
+            rest = self.rfile.read(4)
+            header = first + rest + self.rfile.read(int.from_bytes(rest[2:4], "big"))
+        else:
+            header = first + self.rfile.readline()
+        request_line = self.rfile.readline()
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+            pass  # the rest of the head
+        answer = json.dumps({"header": header.hex(),
+                             "request": request_line.rstrip(b"\r\n").decode()}).encode()
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                         % (len(answer), answer))
+
+
+def proxy_source(header: bytes) -> tuple[str, str, int, int]:
+    """(source address, destination address, source port, destination port) that a PROXY
+    header of version 1 or 2 (TCP over IPv4) names; AssertionError for anything else."""
+    if header[:12] == V2_SIGNATURE:
+        assert header[12:14] == b"\x21\x11", header  # PROXY command, TCP over IPv4
+        return (socket.inet_ntoa(header[16:20]), socket.inet_ntoa(header[20:24]),
+                int.from_bytes(header[24:26], "big"), int.from_bytes(header[26:28], "big"))
+    match = re.fullmatch(rb"PROXY TCP4 ([\d.]+) ([\d.]+) (\d+) (\d+)\r\n", header)
+    assert match, header
+    return (match.group(1).decode(), match.group(2).decode(), int(match.group(3)),
+            int(match.group(4)))
 
 
 # The agent as a process -----------------------------------------------------------------------

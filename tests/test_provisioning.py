@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import stat
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,16 @@ def test_document_has_the_protocol_field_names() -> None:
         "server": {"host": "rendezvous.example.com", "port": 8899, "ca": CA},
         "authParams": {"base32": e.base32, "step": 60, "digits": 8},
     }
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_proxy_option_is_in_the_file_only_when_set(tmp_path: Path, version: int) -> None:
+    assert "proxyProtocol" not in provisioning_document(entry(), "h", 1, None)
+    doc = provisioning_document(replace(entry(), proxy_protocol=version), "h", 1, None)
+    assert doc["proxyProtocol"] == version
+    path = tmp_path / "hub.json"
+    write_provisioning(doc, path)
+    assert load_provisioning(path).proxy_protocol == version
 
 
 def test_ca_is_omitted_when_none() -> None:
@@ -94,6 +105,9 @@ def test_original_style_auth_params_get_defaults(tmp_path: Path) -> None:
     path.write_text(json.dumps(doc))
     loaded = load_provisioning(path)
     assert (loaded.label, loaded.ca_pem, loaded.step, loaded.digits) == ("", None, 30, 6)
+    assert loaded.proxy_protocol == 0
+    path.write_text(json.dumps({**doc, "proxyProtocol": None}))
+    assert load_provisioning(path).proxy_protocol == 0
 
 
 def _without(doc: dict[str, Any], dotted: str) -> dict[str, Any]:
@@ -130,6 +144,9 @@ def test_missing_field_is_named(tmp_path: Path, field: str) -> None:
         ("authParams.step", 0, "authParams.step must be an integer"),
         ("authParams.base32", "not base32!", "not a base32 secret"),
         ("label", 7, "label must be a string"),
+        ("proxyProtocol", 3, "proxyProtocol must be an integer from 0 to 2"),
+        ("proxyProtocol", "2", "proxyProtocol must be an integer from 0 to 2"),
+        ("proxyProtocol", True, "proxyProtocol must be an integer from 0 to 2"),
     ],
 )
 def test_bad_values_are_refused(tmp_path: Path, dotted: str, value: Any, message: str) -> None:

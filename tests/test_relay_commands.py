@@ -18,12 +18,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import requests
 from harness import PARKED, recv_exactly, recv_until
+from hidden_support import AgentProcess, ProxyHeaderService, proxy_source
 from support import free_port, stop_process, wait_for_port
 
 from rendezvous.config import AdminConfig, is_loopback_host
+from rendezvous.protocol.proxy import V2_SIGNATURE
 from rendezvous.protocol.totp import current_token
 from rendezvous.provisioning import Provisioning, load_provisioning
 from rendezvous.tls import client_ssl_context
@@ -336,3 +339,127 @@ def test_the_admin_form_sets_a_visitor_password_and_8_digits(tmp_path: Path) -> 
         assert doc["authParams"]["digits"] == 8
         shown = relay.users("show", doc["uuid"])
         assert "visitors: checked" in shown.out and "digits:   8" in shown.out
+
+
+# ---------------------------------------------------------------------------- PROXY headers
+
+
+def _header_for_visitor(relay: Relay, uuid: str, visitor: str) -> bytes:
+    """The PROXY header the hidden server's local service (a ProxyHeaderService) got for one
+    request by ``visitor`` (a 127.0.0.x source address) through the relay."""
+    context = ssl.create_default_context(cafile=relay.data_dir / "cert.pem")
+    transport = httpx.HTTPTransport(verify=context, local_address=visitor)
+    with httpx.Client(transport=transport, timeout=10) as client:
+        answer = client.get(f"https://127.0.0.1:{relay.port}/who", auth=(uuid, "x"))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["request"] == "GET /who HTTP/1.1"
+    return bytes.fromhex(answer.json()["header"])
+
+
+def _agent_header(tmp_path: Path, relay: Relay, config: Path, service: ProxyHeaderService,
+                  visitor: str, *flags: str) -> bytes:
+    """Start ``rendezvous hidden`` from ``config`` (with ``flags``), visit once, stop it."""
+    agent = AgentProcess(tmp_path / f"agent-{visitor}.log",
+                         ["--config", str(config), "--forward", service.address, "--pool", "1",
+                          *flags])
+    try:
+        agent.wait_for_log("parked", START_TIMEOUT)
+        return _header_for_visitor(relay, "hub", visitor)
+    finally:
+        assert agent.terminate() == 0
+
+
+def test_the_proxy_option_goes_from_users_add_through_the_file_to_the_local_service(
+        tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    service = ProxyHeaderService()
+    try:
+        with serve(tmp_path, data, "--server-host", "127.0.0.1") as relay:
+            added = relay.users("add", "--uuid", "hub", "--proxy-protocol", "2")
+            hub = data / "provision" / "hub.json"
+            assert json.loads(hub.read_text())["proxyProtocol"] == 2
+            assert "v2: each pairing reaches the local service after a PROXY header" in added.out
+            assert "PROXY:    v2" in relay.users("show", "hub").out
+
+            # The agent started from the file asks for it; the service learns the visitor.
+            header = _agent_header(tmp_path, relay, hub, service, "127.0.0.21")
+            assert header[:12] == V2_SIGNATURE
+            source, destination, _, port = proxy_source(header)
+            assert (source, destination, port) == ("127.0.0.21", "127.0.0.1", relay.port)
+            # The agent's flag overrides the file: another version, or none.
+            header = _agent_header(tmp_path, relay, hub, service, "127.0.0.22",
+                                   "--proxy-protocol", "1")
+            assert header.startswith(b"PROXY TCP4 127.0.0.22 127.0.0.1 ")
+            assert proxy_source(header)[3] == relay.port
+
+            # A rotation keeps it, whichever file it writes; --proxy-protocol 0 takes it away.
+            elsewhere = tmp_path / "new-hub.json"
+            relay.users("rotate", "hub", "--out", str(elsewhere))
+            assert load_provisioning(elsewhere).proxy_protocol == 2
+            relay.users("rotate", "hub", "--proxy-protocol", "0")
+            assert "proxyProtocol" not in json.loads(hub.read_text())
+            assert "PROXY:    none" in relay.users("show", "hub").out
+            relay.users("rotate", "hub", "--proxy-protocol", "1")
+            header = _agent_header(tmp_path, relay, hub, service, "127.0.0.23")
+            assert header.startswith(b"PROXY TCP4 127.0.0.23 ")
+    finally:
+        service.close()
+
+
+def test_a_bad_proxy_option_is_refused_everywhere(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for bad in ("3", "v2", ""):
+        refused = rendezvous("users", "add", "--proxy-protocol", bad, "--data-dir", str(data))
+        assert refused.code == 2 and "--proxy-protocol" in refused.err, refused.err
+    assert not (data / "provision").exists()  # nothing was added
+    made = ok("users", "add", "--uuid", "hub", "--proxy-protocol", "1", "--data-dir", str(data))
+    assert "v1" in made.out
+    refused = rendezvous("users", "rotate", "hub", "--proxy-protocol", "9", "--data-dir",
+                         str(data))
+    assert refused.code == 2 and "--proxy-protocol" in refused.err, refused.err
+    assert load_provisioning(data / "provision" / "hub.json").proxy_protocol == 1
+    # A file with a version the agent cannot ask for: a clear error, no start.
+    broken = tmp_path / "broken.json"
+    doc = json.loads((data / "provision" / "hub.json").read_text())
+    broken.write_text(json.dumps({**doc, "proxyProtocol": 3}))
+    started = rendezvous("hidden", "--config", str(broken), "--forward", "9")
+    assert started.code == 2
+    assert "proxyProtocol must be an integer from 0 to 2" in started.err, started.err
+
+
+def test_the_admin_form_records_the_proxy_option(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    admin_port = free_port()
+    with serve(tmp_path, data, "--admin", f"127.0.0.1:{admin_port}") as relay:
+        wait_for_port("127.0.0.1", admin_port, START_TIMEOUT, relay.proc)
+        base = f"http://127.0.0.1:{admin_port}"
+        with requests.Session() as client:
+            page = client.get(base + "/", timeout=10)
+            assert re.search(r'<option value="0" selected>none</option>', page.text)
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+            assert csrf
+            for bad in ("3", "-1", "two"):
+                refused = client.post(base + "/create", data={
+                    "csrf": csrf.group(1), "label": "bad", "proxy_protocol": bad},
+                    allow_redirects=False, timeout=10)
+                assert refused.status_code == 400 and "proxy_protocol" in refused.text
+            made = client.post(base + "/create", data={
+                "csrf": csrf.group(1), "label": "door", "proxy_protocol": "2"},
+                allow_redirects=False, timeout=10)
+            assert made.status_code == 303, made.text
+            doc = client.get(base + made.headers["Location"].replace(
+                "/entry", "/provisioning.json"), timeout=10).json()
+            assert doc["proxyProtocol"] == 2
+            entry = client.get(base + made.headers["Location"], timeout=10).text
+            assert re.search(r'id="proxy-protocol">v2: ', entry)
+            # The page's rotation keeps it.
+            rotated = client.post(base + "/rotate", data={"csrf": csrf.group(1),
+                                                          "id": doc["uuid"]},
+                                  allow_redirects=False, timeout=10)
+            assert rotated.status_code == 303, rotated.text
+            again = client.get(base + "/provisioning.json", params={"id": doc["uuid"]},
+                               timeout=10).json()
+            assert again["proxyProtocol"] == 2
+            assert again["authParams"]["base32"] != doc["authParams"]["base32"]
+        assert [line for line in relay.users("list").out.splitlines() if "bad" in line] == []
+        assert "PROXY:    v2" in relay.users("show", doc["uuid"]).out

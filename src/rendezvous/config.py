@@ -378,7 +378,9 @@ class HiddenAgentConfig:
     grace: float = DEFAULT_GRACE
     log_format: str = "text"
     use_uvloop: bool = True
-    proxy_protocol: int = 0  # 1 or 2: the local service gets a PROXY header per pairing
+    # 1 or 2: the local service gets a PROXY header per pairing; 0: none; None: as the
+    # provisioning file says (its proxyProtocol)
+    proxy_protocol: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

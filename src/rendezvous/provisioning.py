@@ -5,7 +5,11 @@ Shape (field names fixed; readers ignore fields they do not know)::
 
     {"uuid": "...", "label": "...",
      "server": {"host": "...", "port": 8899, "ca": "-----BEGIN CERTIFICATE-----..."},
-     "authParams": {"base32": "...", "step": 30, "digits": 6}}
+     "authParams": {"base32": "...", "step": 30, "digits": 6},
+     "proxyProtocol": 2}
+
+``proxyProtocol`` (ours, optional) tells the agent to ask the relay for a PROXY header of that
+version in front of each pairing, for a local service that speaks the PROXY protocol.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Provisioning:
     base32: str
     step: int
     digits: int
+    proxy_protocol: int = 0  # 1 or 2: ask for a PROXY header per pairing (&proxy=N); 0: none
 
 
 def provisioning_document(entry: Entry, host: str, port: int, ca_pem: str | None) -> dict[str, Any]:
@@ -61,6 +66,7 @@ def provisioning_document(entry: Entry, host: str, port: int, ca_pem: str | None
         "label": entry.label,
         "server": server,
         "authParams": {"base32": entry.base32, "step": entry.step, "digits": entry.digits},
+        **({"proxyProtocol": entry.proxy_protocol} if entry.proxy_protocol else {}),
     }
 
 
@@ -91,7 +97,8 @@ def load_provisioning(path: Path | str) -> Provisioning:
     """Read and check the provisioning file at ``path``.
 
     Required: ``uuid``, ``server.host``, ``server.port``, ``authParams.base32``. Optional:
-    ``label`` (""), ``server.ca`` (None), ``authParams.step`` (30), ``authParams.digits`` (6).
+    ``label`` (""), ``server.ca`` (None), ``authParams.step`` (30), ``authParams.digits`` (6),
+    ``proxyProtocol`` (0: none; else 1 or 2).
     Raises ProvisioningError naming the file and the first problem found.
     """
     try:
@@ -131,6 +138,10 @@ def parse_provisioning(doc: Any) -> Provisioning:
     digits = _integer(
         auth.get("digits", DEFAULT_DIGITS), "authParams.digits", MIN_DIGITS, MAX_DIGITS
     )
+    # A version this agent cannot ask for is an error, not a silent "none": the local service
+    # would then get requests without the header it expects.
+    proxy = top.get("proxyProtocol")
+    proxy = 0 if proxy is None else _integer(proxy, "proxyProtocol", 0, 2)
     return Provisioning(
         uuid=uuid,
         label=label,
@@ -140,6 +151,7 @@ def parse_provisioning(doc: Any) -> Provisioning:
         base32=base32,
         step=step,
         digits=digits,
+        proxy_protocol=proxy,
     )
 
 

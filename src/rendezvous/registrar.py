@@ -144,12 +144,15 @@ def adding(entry: Entry) -> Change:
     return change
 
 
-def rotating(uuid: str) -> Change:
-    """The change that gives entry ``uuid`` a new secret (UnknownEntry if there is none)."""
+def rotating(uuid: str, *, proxy_protocol: int | None = None) -> Change:
+    """The change that gives entry ``uuid`` a new secret (UnknownEntry if there is none), and
+    the PROXY option ``proxy_protocol`` for its file when given (None keeps the entry's)."""
 
     async def change(registry: Registry) -> tuple[Entry, Undo]:
         old = await get_entry(registry, uuid)
         new = old.rotated()
+        if proxy_protocol is not None:
+            new = replace(new, proxy_protocol=proxy_protocol)
         await registry.replace(new)
         return new, lambda: registry.replace(old)
 

@@ -138,12 +138,30 @@ def test_round_trip_of_every_field(url: str) -> None:
         created=1_700_000_000.123456,
         updated=1_700_000_123.654321,
         visitor=VisitorSecret.from_password("2f402f80-da50-11e1-9b23-000000000001", "pw"),
+        proxy_protocol=2,
     )
 
     async def body(registry: Registry) -> None:
         await registry.add(entry)
         assert await registry.get(entry.uuid) == entry
         assert await registry.list() == [entry]
+
+    run(url, body)
+
+
+def test_the_proxy_option_is_kept_by_a_rotation_and_can_be_changed(url: str) -> None:
+    entry = replace(make_entry("hub"), proxy_protocol=1)
+
+    async def body(registry: Registry) -> None:
+        await registry.add(entry)
+        rotated = entry.rotated()
+        await registry.replace(rotated)
+        got = await registry.get("hub")
+        assert got is not None and got.proxy_protocol == 1 and got.base32 == rotated.base32
+        for version in (2, 0):
+            await registry.replace(replace(rotated, proxy_protocol=version))
+            got = await registry.get("hub")
+            assert got is not None and got.proxy_protocol == version
 
     run(url, body)
 

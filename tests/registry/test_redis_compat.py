@@ -99,6 +99,31 @@ def test_writes_the_original_layout(redis_registry_url: str, raw: redis.Redis) -
     assert record["uuid"] == ORIGINAL_ID
 
 
+def test_the_proxy_option_is_ours_and_an_unknown_value_means_none(
+    redis_registry_url: str, raw: redis.Redis
+) -> None:
+    raw.set(ORIGINAL_ID, ORIGINAL_VALUE)
+    for key, value in (("text", "2"), ("three", 3), ("true", True), ("null", None)):
+        raw.set(key, json.dumps({"authParams": {"base32": "AAAA"}, "proxyProtocol": value}))
+
+    async def main() -> None:
+        registry = RedisRegistry(redis_registry_url)
+        try:
+            await registry.add(Entry(uuid="ours", base32="BBBB", proxy_protocol=2))
+            found = {e.uuid: e.proxy_protocol for e in await registry.list()}
+            assert found == {ORIGINAL_ID: 0, "text": 0, "three": 0, "true": 0, "null": 0,
+                             "ours": 2}
+        finally:
+            await registry.close()
+
+    asyncio.run(main())
+    value = raw.get("ours")
+    assert isinstance(value, bytes)
+    assert json.loads(value)["proxyProtocol"] == 2
+    # The original's record stays as it was: nothing is added to entries we only read.
+    assert raw.get(ORIGINAL_ID) == ORIGINAL_VALUE.encode()
+
+
 def test_other_data_is_skipped(redis_registry_url: str, raw: redis.Redis) -> None:
     raw.set(ORIGINAL_ID, ORIGINAL_VALUE)
     junk: dict[str, str | bytes] = {

@@ -101,7 +101,7 @@ def test_creates_folders_and_uses_wal(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(entries)")]
         assert columns == ["uuid", "base32", "step", "digits", "label", "created", "updated",
-                           "visitor", "name"]
+                           "visitor", "name", "proxy"]
     finally:
         conn.close()
 
@@ -236,6 +236,55 @@ def test_a_file_from_before_names_is_upgraded(tmp_path: Path) -> None:
         assert other is not None
         with pytest.raises(DuplicateName):
             await registry.replace(replace(other, name="hub"))
+        await registry.close()
+
+    asyncio.run(body())
+
+
+def test_a_file_from_before_the_proxy_column_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old_schema = ("CREATE TABLE entries (uuid TEXT PRIMARY KEY, base32 TEXT NOT NULL, step "
+                  "INTEGER NOT NULL, digits INTEGER NOT NULL, label TEXT NOT NULL DEFAULT '', "
+                  "created REAL NOT NULL, updated REAL NOT NULL, "
+                  "visitor TEXT NOT NULL DEFAULT '', name TEXT NOT NULL DEFAULT '')")
+    old_insert = ("INSERT INTO entries (uuid, base32, step, digits, label, created, updated, "
+                  "visitor, name) VALUES (?, 'JBSWY3DPEHPK3PXP', 30, 6, '', 1, 1, '', '')")
+    with sqlite3.connect(path) as conn:
+        conn.execute(old_schema)
+        conn.execute(old_insert, ("old",))
+    conn.close()
+
+    async def body() -> None:
+        registry = SQLiteRegistry(f"sqlite:///{path}")
+        entry = await registry.get("old")
+        assert entry is not None and entry.proxy_protocol == 0
+        await registry.replace(replace(entry, proxy_protocol=2))
+        # A program of the version before, writing its own columns, still can; its rows
+        # have no PROXY option, and a rotation it makes keeps ours.
+        with sqlite3.connect(path) as older:
+            older.execute(old_insert, ("older",))
+            older.execute("UPDATE entries SET base32 = 'AAAA', updated = 2 WHERE uuid = 'old'")
+        older.close()
+        again = await registry.get("old")
+        assert again is not None and (again.proxy_protocol, again.base32) == (2, "AAAA")
+        newer = await registry.get("older")
+        assert newer is not None and newer.proxy_protocol == 0
+        await registry.close()
+
+    asyncio.run(body())
+
+
+def test_a_proxy_value_that_is_no_version_reads_as_none(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite3"
+
+    async def body() -> None:
+        registry = SQLiteRegistry(f"sqlite:///{path}")
+        await registry.add(Entry(uuid="hub", base32="JBSWY3DPEHPK3PXP", proxy_protocol=1))
+        with sqlite3.connect(path) as conn:  # a hand edit with the sqlite3 shell
+            conn.execute("UPDATE entries SET proxy = 7 WHERE uuid = 'hub'")
+        conn.close()
+        entry = await registry.get("hub")
+        assert entry is not None and entry.proxy_protocol == 0
         await registry.close()
 
     asyncio.run(body())

@@ -4,7 +4,7 @@
     GET  /entry?id=ID         one hidden server: its provisioning file and QR code
     GET  /provisioning.json?id=ID, /qr.svg?id=ID, /visitor-qr.svg?id=ID (its visitor URL)
     GET  /confirm?action=rotate|remove&id=ID    then POST /rotate or /remove
-    POST /create              label, name, step, digits, visitor_password
+    POST /create              label, name, step, digits, visitor_password, proxy_protocol
     GET  /api/status          live numbers (JSON), polled by the page every 2 s
     GET|POST /login, POST /logout
     GET  /metrics, /healthz, /readyz
@@ -45,7 +45,7 @@ from rendezvous.errors import (
 from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.provisioning import MAX_DIGITS, MIN_DIGITS, provisioning_document
 from rendezvous.registry import Entry, new_secret
-from rendezvous.registry.base import DEFAULT_STEP, normal_name
+from rendezvous.registry.base import DEFAULT_STEP, PROXY_VERSIONS, normal_name
 
 # What the add form accepts (the same bounds as `rendezvous users add`).
 MAX_STEP = 3600
@@ -165,6 +165,7 @@ async def index(request: web.Request) -> web.Response:
         digit_choices=DIGIT_CHOICES,
         max_step=MAX_STEP,
         max_label=MAX_LABEL,
+        proxy_choices=PROXY_VERSIONS,
         domain=state.config.domain,
     )
 
@@ -274,10 +275,12 @@ async def create(request: web.Request) -> web.StreamResponse:
     if len(password) > MAX_VISITOR_PASSWORD or any(c in password for c in "\r\n"):
         raise web.HTTPBadRequest(
             text=f"visitor password: one line of at most {MAX_VISITOR_PASSWORD} characters\n")
+    proxy = _form_int(form.get("proxy_protocol"), 0, min(PROXY_VERSIONS), max(PROXY_VERSIONS),
+                      "proxy_protocol")
     uuid = str(uuid4())
     entry = Entry(uuid=uuid, base32=new_secret(), step=step, digits=digits, label=label,
                   visitor=VisitorSecret.from_password(uuid, password) if password else None,
-                  name=name)
+                  name=name, proxy_protocol=proxy)
     registry = state.registry
     try:
         await _registry_call(
@@ -285,8 +288,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     except DuplicateName as exc:
         raise web.HTTPConflict(text=f"{exc}: choose another name\n") from None
     logs.event("admin created", id=entry.uuid, label=label, name=name or "-",
-               visitors=bool(password),
-               by=_peer(request))
+               visitors=bool(password), proxy=proxy or "none", by=_peer(request))
     session = get_session(request)
     _flash(session, "ok", f"Added {label or entry.uuid}. Give the hidden server its "
                           "provisioning file: it holds the secret.")

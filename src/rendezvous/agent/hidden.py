@@ -62,6 +62,7 @@ from rendezvous.protocol.head import HEAD_END
 from rendezvous.protocol.responses import MAX_ERROR_BODY, error_text, parse_response_head
 from rendezvous.protocol.totp import current_token
 from rendezvous.provisioning import Provisioning
+from rendezvous.registry.base import PROXY_VERSIONS
 from rendezvous.tls import client_ssl_context
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -239,7 +240,10 @@ class HiddenAgent:
     (seconds) bounds how long one link stays parked before it is recycled. ``backoff_cap`` caps
     the back-off after network failures; ``auth_retry`` is the wait after a refusal.
     ``status_interval`` is the period of the ``status`` log line; ``grace`` the default time
-    :meth:`stop` gives active pairings. Raises ProvisioningError if ``server.ca`` is unusable.
+    :meth:`stop` gives active pairings. ``proxy_protocol`` (1 or 2; 0 for none) overrides the
+    file's ``proxyProtocol``: the PROXY header version asked for in front of each pairing; None
+    follows the file, also after :meth:`reload`. Raises ProvisioningError if ``server.ca`` is
+    unusable.
     """
 
     def __init__(
@@ -254,7 +258,7 @@ class HiddenAgent:
         auth_retry: float = DEFAULT_AUTH_RETRY,
         status_interval: float = DEFAULT_STATUS_INTERVAL,
         grace: float = DEFAULT_GRACE,
-        proxy_protocol: int = 0,
+        proxy_protocol: int | None = None,
     ) -> None:
         if pool < 1:
             raise ValueError(f"pool must be at least 1, not {pool}")
@@ -279,11 +283,9 @@ class HiddenAgent:
         self.auth_retry = auth_retry
         self.status_interval = status_interval
         self.grace = grace
-        if proxy_protocol not in (0, 1, 2):
+        if proxy_protocol not in (None, *PROXY_VERSIONS):
             raise ValueError(f"proxy_protocol must be 0, 1 or 2, not {proxy_protocol}")
-        # Ask the relay to start each pairing with a PROXY header (v1/v2) naming the visitor;
-        # forward_to passes it on to the local service like every other byte.
-        self.proxy_protocol = proxy_protocol
+        self._proxy_override = proxy_protocol
         try:
             self._ssl = client_ssl_context(provisioning.ca_pem)
         except (ssl.SSLError, ValueError) as exc:
@@ -306,6 +308,15 @@ class HiddenAgent:
         self._wake = asyncio.Event()  # reload(): end the gate's wait now
         # Resolved by reload(), then replaced: the slots recycle their parked links.
         self._renewal: asyncio.Future[None] | None = None
+
+    @property
+    def proxy_protocol(self) -> int:
+        """The PROXY header version (1, 2) the relay is asked to start each pairing with,
+        naming the visitor (forward_to passes it on to the local service like every other
+        byte); 0 for none. The option given to the agent, else the provisioning file's."""
+        if self._proxy_override is not None:
+            return self._proxy_override
+        return self.provisioning.proxy_protocol
 
     @property
     def host(self) -> str:
@@ -354,7 +365,8 @@ class HiddenAgent:
         self._started = True
         loop = asyncio.get_running_loop()
         self._renewal = loop.create_future()
-        logs.event("agent started", id=self.provisioning.uuid, relay=self.relay, pool=self.pool)
+        logs.event("agent started", id=self.provisioning.uuid, relay=self.relay, pool=self.pool,
+                   proxy=self.proxy_protocol or "none")
         if not self._stopping:
             self._background = [loop.create_task(self._slot(i)) for i in range(self.pool)]
             self._background.append(loop.create_task(self._report_status()))
@@ -411,7 +423,7 @@ class HiddenAgent:
             self._renewal = asyncio.get_running_loop().create_future()
             renewal.set_result(None)
         logs.event("reloaded provisioning", id=provisioning.uuid, relay=self.relay,
-                   recycling=len(self._links))
+                   proxy=self.proxy_protocol or "none", recycling=len(self._links))
 
     # Slots -----------------------------------------------------------------------------------
 

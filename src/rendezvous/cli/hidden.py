@@ -25,6 +25,7 @@ from rendezvous.config import (
     DEFAULT_STATUS_INTERVAL,
     HiddenAgentConfig,
 )
+from rendezvous.registry.base import PROXY_VERSIONS
 
 _EPILOG = """\
 example:
@@ -78,10 +79,11 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--proxy-protocol",
         type=int,
-        choices=(1, 2),
-        metavar="1|2",
+        choices=PROXY_VERSIONS,
+        metavar="0|1|2",
         help="the local service speaks the PROXY protocol: ask the relay to start each pairing "
-        "with a PROXY header of this version naming the visitor (default: none)",
+        "with a PROXY header of this version naming the visitor; 0 for none (default: the "
+        "provisioning file's proxyProtocol, from 'users add --proxy-protocol'; else none)",
     )
     p.add_argument(
         "--pool",
@@ -142,7 +144,7 @@ def agent_config(args: argparse.Namespace) -> HiddenAgentConfig:
         max_park_age=args.max_park_age, backoff_cap=args.backoff_cap,
         auth_retry=args.auth_retry, status_interval=args.status_interval, grace=args.grace,
         log_format=args.log_format, use_uvloop=not args.no_uvloop,
-        proxy_protocol=args.proxy_protocol or 0,
+        proxy_protocol=args.proxy_protocol,
     )
 
 

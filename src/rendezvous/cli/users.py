@@ -29,7 +29,7 @@ from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.protocol.hostnames import visitor_url
 from rendezvous.provisioning import MAX_DIGITS, MIN_DIGITS
 from rendezvous.registry import Entry, Registry, new_secret
-from rendezvous.registry.base import DEFAULT_DIGITS, DEFAULT_STEP, normal_name
+from rendezvous.registry.base import DEFAULT_DIGITS, DEFAULT_STEP, PROXY_VERSIONS, normal_name
 
 # IDs travel in `CONNECT uuid:ID?...`, in Digest/Basic user names and in file names: keep new ones
 # to URL-unreserved characters so none of those needs quoting.
@@ -115,6 +115,8 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
         "pairing (default: none; any password, as node-rendezvous)",
     )
 
+    proxy_option(add, "(default: none)")
+
     lst = action("list", _list, "list the hidden servers")
     lst.add_argument("--json", action="store_true", help="print a JSON array (no secrets)")
 
@@ -133,6 +135,7 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
         output,
     )
     rotate.add_argument("id", metavar="ID")
+    proxy_option(rotate, "(default: as the entry has it)")
 
     visitor = action(
         "visitor",
@@ -158,6 +161,19 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
 
     remove = action("remove", _remove, "remove a hidden server; it can no longer park")
     remove.add_argument("id", metavar="ID")
+
+
+def proxy_option(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--proxy-protocol``: what the provisioning file tells the agent about PROXY headers."""
+    parser.add_argument(
+        "--proxy-protocol",
+        type=int,
+        choices=PROXY_VERSIONS,
+        metavar="0|1|2",
+        help="the hidden server's local service speaks the PROXY protocol: the file tells its "
+        "agent to have each pairing start with a PROXY header of this version naming the "
+        f"visitor ('hidden --proxy-protocol' overrides it); 0 for none {default}",
+    )
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -231,6 +247,16 @@ def _report(action: str, entry: Entry, out: Path | None, facts: str, json_out: b
     if out is not None:
         print(f"  provisioning file {out} (mode 0600: it holds the secret)", file=stream)
     print(f"  {facts}", file=stream)
+    if entry.proxy_protocol:
+        print(f"  {_proxy_words(entry)}", file=stream)
+
+
+def _proxy_words(entry: Entry) -> str:
+    """What the entry's file asks of the agent about PROXY headers, for people."""
+    if not entry.proxy_protocol:
+        return "none"
+    return (f"v{entry.proxy_protocol}: each pairing reaches the local service after a PROXY "
+            "header naming the visitor")
 
 
 def _public_record(entry: Entry, *, secret: bool) -> dict[str, Any]:
@@ -272,6 +298,7 @@ def _add(args: argparse.Namespace) -> int:
         name=name,
         visitor=(VisitorSecret.from_password(uuid, args.visitor_password)
                  if args.visitor_password else None),
+        proxy_protocol=args.proxy_protocol or 0,
     )
     registrar.prepare_data_dir(found, create=True)
     added, out, facts = _provision(args, found, uuid, registrar.adding(entry), replaces=False)
@@ -287,7 +314,8 @@ _REVOKED = ("a running relay closes the connections parked with the old secret (
 def _rotate(args: argparse.Namespace) -> int:
     found = _opened(args)
     uuid: str = args.id
-    entry, out, facts = _provision(args, found, uuid, registrar.rotating(uuid), replaces=True)
+    change = registrar.rotating(uuid, proxy_protocol=args.proxy_protocol)
+    entry, out, facts = _provision(args, found, uuid, change, replaces=True)
     _report("rotated the secret of", entry, out, facts, args.json)
     stream = sys.stderr if args.json else sys.stdout
     print("  the old secret no longer works: give the hidden server its new file", file=stream)
@@ -380,6 +408,7 @@ def _show(args: argparse.Namespace) -> int:
                 if entry.visitor is not None else "not checked: any password (set one with "
                 f"'users visitor {entry.uuid} --password P')")
     print(f"visitors: {visitors}")
+    print(f"PROXY:    {_proxy_words(entry)}")
     return 0
 
 

@@ -18,6 +18,9 @@ from rendezvous.protocol.ids import valid_name
 
 DEFAULT_STEP = 30
 DEFAULT_DIGITS = 6
+# What an entry's ``proxy_protocol`` may be: none, or the PROXY protocol version its hidden
+# server's local service wants in front of each pairing (the agent asks with ``&proxy=N``).
+PROXY_VERSIONS = (0, 1, 2)
 # 160 bits, the size RFC 4226 recommends for an HMAC-SHA1 secret.
 SECRET_BYTES = 20
 
@@ -55,6 +58,10 @@ class Entry:
     # One DNS label, unique in the registry ("" for none): visitors reach the hidden server at
     # https://NAME.DOMAIN/ with no credentials (see docs/protocol.md, named hidden servers).
     name: str = ""
+    # 1 or 2: its provisioning file tells the agent to have each pairing start with a PROXY
+    # header of that version (for a local service that speaks it); 0 for none. The relay itself
+    # never reads it: the agent asks per connection.
+    proxy_protocol: int = 0
 
     def same_secret(self, other: Entry) -> bool:
         """Whether a token made for ``other`` is checked the same way against this entry: a
@@ -77,6 +84,7 @@ class Entry:
             "authParams": {"base32": self.base32, "step": self.step, "digits": self.digits},
             **({"visitor": {"md5": self.visitor.md5, "sha256": self.visitor.sha256}}
                if self.visitor else {}),
+            **({"proxyProtocol": self.proxy_protocol} if self.proxy_protocol else {}),
         }
 
     @classmethod
@@ -86,6 +94,7 @@ class Entry:
         created = float(record.get("created") or 0.0)
         visitor = record.get("visitor")
         name = record.get("name")
+        proxy = record.get("proxyProtocol")
         return cls(
             uuid=uuid,
             base32=str(auth["base32"]),
@@ -98,6 +107,8 @@ class Entry:
                      if isinstance(visitor, dict) else None),
             # A name that is not one label was not written by us: the entry goes on unnamed.
             name=name if isinstance(name, str) and valid_name(name) else "",
+            # Likewise a version we do not know: its files ask for no PROXY header.
+            proxy_protocol=(proxy if type(proxy) is int and proxy in PROXY_VERSIONS else 0),
         )
 
 

@@ -35,7 +35,7 @@ from rendezvous.errors import (
     UnknownEntry,
 )
 from rendezvous.protocol.digest import VisitorSecret
-from rendezvous.registry.base import Changes, Entry, Registry, _drain
+from rendezvous.registry.base import PROXY_VERSIONS, Changes, Entry, Registry, _drain
 
 # How long a statement waits for another connection's lock before failing. Only writers contend
 # (the CLI against a rotation from the admin page), and each holds the lock for milliseconds.
@@ -53,13 +53,16 @@ CREATE TABLE IF NOT EXISTS entries (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     visitor TEXT NOT NULL DEFAULT '',
-    name    TEXT NOT NULL DEFAULT ''
+    name    TEXT NOT NULL DEFAULT '',
+    proxy   INTEGER NOT NULL DEFAULT 0
 )
 """
-# Files made before the visitor check or names lack their columns: added on open.
+# Files made before the visitor check, names or the PROXY option lack their columns: added on
+# open (older programs reading the file again ignore columns they do not select).
 _MIGRATIONS = {
     "visitor": "ALTER TABLE entries ADD COLUMN visitor TEXT NOT NULL DEFAULT ''",
     "name": "ALTER TABLE entries ADD COLUMN name TEXT NOT NULL DEFAULT ''",
+    "proxy": "ALTER TABLE entries ADD COLUMN proxy INTEGER NOT NULL DEFAULT 0",
 }
 # Names are unique among the entries that have one; the index also serves by_name().
 _NAME_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS entries_name ON entries (name) WHERE name <> ''"
@@ -87,7 +90,7 @@ CREATE TRIGGER IF NOT EXISTS entries_deleted AFTER DELETE ON entries BEGIN
 END;
 """
 
-_COLUMNS = "uuid, base32, step, digits, label, created, updated, visitor, name"
+_COLUMNS = "uuid, base32, step, digits, label, created, updated, visitor, name, proxy"
 
 
 def path_from_url(url: str) -> Path:
@@ -121,11 +124,11 @@ def _visitor_text(entry: Entry) -> str:
 def _row(entry: Entry) -> tuple[Any, ...]:
     """``entry``'s values in the order of ``_COLUMNS``."""
     return (entry.uuid, entry.base32, entry.step, entry.digits, entry.label, entry.created,
-            entry.updated, _visitor_text(entry), entry.name)
+            entry.updated, _visitor_text(entry), entry.name, entry.proxy_protocol)
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
-    uuid, base32, step, digits, label, created, updated, visitor, name = row
+    uuid, base32, step, digits, label, created, updated, visitor, name, proxy = row
     secret = json.loads(visitor) if visitor else None
     return Entry(
         uuid=uuid,
@@ -137,6 +140,7 @@ def _entry(row: tuple[Any, ...]) -> Entry:
         updated=float(updated),
         visitor=VisitorSecret(secret["md5"], secret["sha256"]) if secret else None,
         name=name or "",
+        proxy_protocol=proxy if proxy in PROXY_VERSIONS else 0,  # (a hand-edited row)
     )
 
 
@@ -227,7 +231,7 @@ class SQLiteRegistry(Registry):
         conn = self._connect()
         try:
             conn.execute(
-                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 _row(entry),
             )
         except sqlite3.IntegrityError as exc:
@@ -242,7 +246,7 @@ class SQLiteRegistry(Registry):
             changed = self._change(
                 "write",
                 "UPDATE entries SET base32 = ?, step = ?, digits = ?, label = ?, created = ?,"
-                " updated = ?, visitor = ?, name = ? WHERE uuid = ?",
+                " updated = ?, visitor = ?, name = ?, proxy = ? WHERE uuid = ?",
                 (*_row(entry)[1:], entry.uuid),
             )
         except RegistryError as exc:
