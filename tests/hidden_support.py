@@ -6,6 +6,7 @@ service in a thread (the thing the agent forwards to), and the agent as a real p
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,22 @@ def write_provisioning_for(server: ServerThread, entry: Entry, path: Path,
         doc["authParams"]["base32"] = base32
     write_provisioning(doc, path)
     return path
+
+
+def total_parks(server: ServerThread) -> int:
+    """How many CONNECTs the relay has parked since it started."""
+    def count() -> int:
+        assert server.server.hub is not None
+        return server.server.hub.stats.parked
+    return int(server.sync(count))
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait on the running loop (its agent goes on meanwhile) until ``condition()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
 # The local service ----------------------------------------------------------------------------

@@ -12,7 +12,13 @@ from typing import Any
 import httpx
 import pytest
 from harness import ServerThread, running_server
-from hidden_support import ProxyHeaderService, proxy_source, write_provisioning_for
+from hidden_support import (
+    ProxyHeaderService,
+    proxy_source,
+    total_parks,
+    wait_until,
+    write_provisioning_for,
+)
 
 from rendezvous.agent import HiddenAgent, hidden
 from rendezvous.protocol.proxy import V2_SIGNATURE
@@ -46,7 +52,10 @@ async def headers_seen(s: ServerThread, provisioning: Provisioning,
     try:
         seen = [bytes.fromhex((await visit(s, provisioning.uuid))["header"])]
         if reloaded is not None:
+            parks = total_parks(s)
             agent.reload(reloaded)
+            # Its link is recycled: the replacement parks first, then the old one goes.
+            await wait_until(lambda: total_parks(s) > parks and s.parked(provisioning.uuid) == 1)
             seen.append(bytes.fromhex((await visit(s, provisioning.uuid))["header"]))
         return seen
     finally:

@@ -26,13 +26,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import ServerThread, running_server
+from harness import PARKED, ServerThread, make_certificate, running_server
 from hidden_support import (
     BIG,
     START_TIMEOUT,
     AgentProcess,
     LocalHTTP,
     payload,
+    total_parks,
+    wait_until,
     write_provisioning_for,
 )
 from support import stop_process
@@ -44,8 +46,9 @@ from rendezvous.agent import HiddenAgent, hidden
 from rendezvous.cli import build_parser, main
 from rendezvous.errors import ProvisioningError
 from rendezvous.protocol.responses import error_body
-from rendezvous.provisioning import load_provisioning
+from rendezvous.provisioning import Provisioning, load_provisioning
 from rendezvous.registry import new_secret, open_registry
+from rendezvous.tls import server_ssl_context
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -410,14 +413,6 @@ async def reverse_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWr
     await writer.drain()
 
 
-async def wait_until(condition: object, timeout: float = 10.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 def test_library_agent_serves_pairings_with_an_in_process_handler(tmp_path: Path) -> None:
     with running_server(tmp_path) as s:
         entry = s.add_entry()
@@ -472,14 +467,6 @@ def test_library_request_arriving_with_the_200_is_not_lost(tmp_path: Path) -> No
             await asyncio.wait_for(running, 5)
 
         asyncio.run(scenario())
-
-
-def total_parks(server: ServerThread) -> int:
-    """How many CONNECTs the relay has parked since it started."""
-    def count() -> int:
-        assert server.server.hub is not None
-        return server.server.hub.stats.parked
-    return int(server.sync(count))
 
 
 def test_library_recycles_old_parked_connections(tmp_path: Path) -> None:
@@ -554,6 +541,45 @@ def test_library_unreachable_local_service_gets_502(tmp_path: Path) -> None:
             await asyncio.wait_for(running, 5)
 
         asyncio.run(scenario())
+
+
+def test_a_link_parking_during_a_reload_is_recycled_at_once(tmp_path: Path) -> None:
+    """A reload while a CONNECT waits for the relay's answer: that link asked with the old file,
+    so once parked it is replaced at once, not after --max-park-age."""
+    tls = make_certificate(tmp_path)
+    provisioning = Provisioning(uuid="hub", label="", host="127.0.0.1", port=9,
+                                ca_pem=tls.cert_file.read_text(), base32=new_secret(), step=30,
+                                digits=6, proxy_protocol=2)
+    connects: asyncio.Queue[str] = asyncio.Queue()
+    answer = asyncio.Event()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = (await reader.readuntil(b"\r\n\r\n")).split(b"\r\n")[0].decode()
+        await connects.put(line)
+        await answer.wait()  # held until the test has reloaded the agent
+        writer.write(PARKED)
+        await reader.read()  # parked until the agent lets go
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(relay, "127.0.0.1", 0,
+                                            ssl=server_ssl_context(tls))
+        port = server.sockets[0].getsockname()[1]
+        agent = HiddenAgent(provisioning, handler=reverse_handler, pool=1,
+                            server=("127.0.0.1", port), max_park_age=600)
+        running = asyncio.create_task(agent.run())
+        try:
+            first = await asyncio.wait_for(connects.get(), 10)
+            assert first.endswith("&proxy=2 HTTP/1.1")
+            agent.reload(dataclasses.replace(provisioning, proxy_protocol=1))
+            answer.set()
+            again = await asyncio.wait_for(connects.get(), 10)  # not after 600 s
+            assert again.endswith("&proxy=1 HTTP/1.1")
+        finally:
+            await agent.stop(1)
+            await asyncio.wait_for(running, 5)
+            server.close()
+
+    asyncio.run(scenario())
 
 
 def test_library_reload_refuses_another_id_and_keeps_the_old_file(tmp_path: Path) -> None:

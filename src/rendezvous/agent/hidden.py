@@ -433,6 +433,10 @@ class HiddenAgent:
         retiring: _Link | None = None
         try:
             while True:
+                # The reload this link's CONNECT comes before, taken before it is sent: a
+                # reload while it parks recycles it too (it asked with the old file).
+                renewal = self._renewal
+                assert renewal is not None
                 link = await self._connect(slot)
                 if link is None:
                     continue  # failed: the gate holds the next attempt back
@@ -440,8 +444,6 @@ class HiddenAgent:
                     retiring.retire()  # its replacement is parked: now it may go
                     retiring = None
                 age = self.max_park_age * random.uniform(1 - AGE_JITTER, 1)
-                renewal = self._renewal
-                assert renewal is not None
                 ends: set[asyncio.Future[Any]] = {link.outcome, renewal}
                 await asyncio.wait(ends, timeout=age, return_when=asyncio.FIRST_COMPLETED)
                 if not link.outcome.done():
