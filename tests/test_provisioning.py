@@ -54,6 +54,15 @@ def test_the_proxy_option_is_in_the_file_only_when_set(tmp_path: Path, version: 
     assert load_provisioning(path).proxy_protocol == version
 
 
+def test_an_entrys_own_relay_address_wins_in_its_file() -> None:
+    own = replace(entry(), server_host="hub-relay.example.com")
+    assert provisioning_document(own, "relay.example.com", 8899, None)["server"] == {
+        "host": "hub-relay.example.com", "port": 8899}
+    both = replace(own, server_port=443)
+    assert provisioning_document(both, "relay.example.com", 8899, None)["server"] == {
+        "host": "hub-relay.example.com", "port": 443}
+
+
 def test_ca_is_omitted_when_none() -> None:
     doc = provisioning_document(entry(), "relay.example.com", 443, None)
     assert doc["server"] == {"host": "relay.example.com", "port": 443}

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import requests
 from harness import PARKED, recv_exactly, recv_until
 from hidden_support import AgentProcess, ProxyHeaderService, proxy_source
@@ -169,6 +171,87 @@ def test_files_point_at_the_relay_that_made_them(tmp_path: Path) -> None:
     relay.users("add", "--uuid", "c")
     c = load_provisioning(data / "provision" / "c.json")
     assert (c.host, c.port) == ("127.0.0.1", relay.port)
+
+
+# What node-rendezvous's registrar stored for a hidden server (tests/registry/).
+ORIGINAL_VALUE = '{"authParams":{"base32":"JBSWY3DPEHPK3PXP","step":30}}'
+# The SQLite table before entries had a PROXY option or a relay address of their own.
+OLD_TABLE = ("CREATE TABLE entries (uuid TEXT PRIMARY KEY, base32 TEXT NOT NULL, step INTEGER "
+             "NOT NULL, digits INTEGER NOT NULL, label TEXT NOT NULL DEFAULT '', created REAL "
+             "NOT NULL, updated REAL NOT NULL, visitor TEXT NOT NULL DEFAULT '', name TEXT NOT "
+             "NULL DEFAULT '')")
+
+
+def test_a_rotation_keeps_the_relay_address_given_for_the_entry(
+        tmp_path: Path, redis_registry_url: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with sqlite3.connect(data / "registry.sqlite3") as old:  # a registry from before
+        old.execute(OLD_TABLE)
+        old.execute("INSERT INTO entries VALUES ('old', 'JBSWY3DPEHPK3PXP', 30, 6, '', 1, 1, '',"
+                    " '')")
+    old.close()
+    admin_port = free_port()
+    with serve(tmp_path, data, "--server-host", "localhost",
+               "--admin", f"127.0.0.1:{admin_port}") as relay:
+        # Its own address (the relay's record says localhost), in a file of its own.
+        first = tmp_path / "own.json"
+        relay.users("add", "--uuid", "own", "--server-host", "127.0.0.1", "--out", str(first))
+        own = load_provisioning(first)
+        assert (own.host, own.port) == ("127.0.0.1", relay.port)
+        assert "relay:    host 127.0.0.1 (its own" in relay.users("show", "own").out
+        first.unlink()  # handed to the hidden server: the rotation finds no old file
+        second = tmp_path / "own-2.json"
+        rotated = relay.users("rotate", "own", "--out", str(second))
+        own2 = load_provisioning(second)
+        assert (own2.host, own2.port, own2.ca_pem) == ("127.0.0.1", relay.port, own.ca_pem)
+        assert own2.base32 != own.base32
+        assert "host as recorded for the entry" in rotated.out
+        park(own2).close()
+        shown = json.loads(relay.users("rotate", "own", "--json").out)  # no file at all
+        assert shown["server"]["host"] == "127.0.0.1"
+
+        # Given again, it changes; the port too is the entry's once given.
+        third = tmp_path / "own-3.json"
+        relay.users("rotate", "own", "--server-host", "127.0.0.2", "--server-port", "18443",
+                    "--out", str(third))
+        relay.users("rotate", "own", "--out", str(third))
+        own3 = load_provisioning(third)
+        assert (own3.host, own3.port) == ("127.0.0.2", 18443)
+        # The admin page's file and its rotation say it too.
+        wait_for_port("127.0.0.1", admin_port, START_TIMEOUT, relay.proc)
+        base = f"http://127.0.0.1:{admin_port}"
+        with requests.Session() as client:
+            page = client.get(base + "/entry", params={"id": "own"}, timeout=10).text
+            assert re.search(r'id="own-relay">its own: host <code>127.0.0.2</code>, port 18443',
+                             page), page
+            confirm = client.get(base + "/confirm", params={"action": "rotate", "id": "own"},
+                                 timeout=10).text
+            csrf = re.search(r'name="csrf" value="([^"]+)"', confirm)
+            assert csrf
+            rotated_here = client.post(base + "/rotate", data={"csrf": csrf.group(1),
+                                                               "id": "own"},
+                                       allow_redirects=False, timeout=10)
+            assert rotated_here.status_code == 303, rotated_here.text
+            doc = client.get(base + "/provisioning.json", params={"id": "own"},
+                             timeout=10).json()
+            assert doc["server"]["host"] == "127.0.0.2" and doc["server"]["port"] == 18443
+            assert doc["authParams"]["base32"] != own3.base32
+
+        # Entries without one follow the relay's record: a new one, one from the old table,
+        # and one the original wrote in Redis.
+        relay.users("add", "--uuid", "plain", "--json")
+        redis_raw = redis.Redis.from_url(redis_registry_url)
+        redis_raw.set("original", ORIGINAL_VALUE)
+        redis_raw.close()
+        for uuid, registry in (("plain", ()), ("old", ()),
+                               ("original", ("--registry", redis_registry_url))):
+            out = tmp_path / f"{uuid}.json"
+            relay.users("rotate", uuid, "--out", str(out), *registry)
+            again = load_provisioning(out)
+            assert (again.host, again.port) == ("localhost", relay.port), uuid
+            assert "relay.json" in relay.users("show", uuid, *registry).out
+        park(load_provisioning(tmp_path / "old.json")).close()
 
 
 def test_a_file_made_before_the_first_start_carries_the_relays_certificate(

@@ -53,12 +53,14 @@ class Provisioning:
 
 
 def provisioning_document(entry: Entry, host: str, port: int, ca_pem: str | None) -> dict[str, Any]:
-    """The §5 JSON document for ``entry`` on the relay at ``host``:``port``.
+    """The §5 JSON document for ``entry`` on the relay at ``host``:``port``, unless the entry
+    has a relay address of its own (``server_host``, ``server_port``: its files always say it).
 
     ``ca_pem`` is the PEM the hidden server must trust for the relay; None leaves ``server.ca``
     out (the relay's certificate chains to a public CA).
     """
-    server: dict[str, Any] = {"host": host, "port": port}
+    server: dict[str, Any] = {"host": entry.server_host or host,
+                              "port": entry.server_port or port}
     if ca_pem is not None:
         server["ca"] = ca_pem
     return {

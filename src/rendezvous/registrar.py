@@ -144,15 +144,21 @@ def adding(entry: Entry) -> Change:
     return change
 
 
-def rotating(uuid: str, *, proxy_protocol: int | None = None) -> Change:
+def rotating(uuid: str, *, proxy_protocol: int | None = None, server_host: str | None = None,
+             server_port: int | None = None) -> Change:
     """The change that gives entry ``uuid`` a new secret (UnknownEntry if there is none), and
-    the PROXY option ``proxy_protocol`` for its file when given (None keeps the entry's)."""
+    for its files the PROXY option ``proxy_protocol`` and the relay address ``server_host``,
+    ``server_port`` when given (None keeps the entry's)."""
 
     async def change(registry: Registry) -> tuple[Entry, Undo]:
         old = await get_entry(registry, uuid)
         new = old.rotated()
         if proxy_protocol is not None:
             new = replace(new, proxy_protocol=proxy_protocol)
+        if server_host is not None:
+            new = replace(new, server_host=server_host)
+        if server_port is not None:
+            new = replace(new, server_port=server_port)
         await registry.replace(new)
         return new, lambda: registry.replace(old)
 
@@ -356,29 +362,41 @@ def public_address(
     ca_file: Path | None = None,
     no_ca: bool = False,
     previous: Provisioning | None = None,
+    entry: Entry | None = None,
 ) -> PublicAddress:
     """Work out where hidden servers given a new file reach the relay.
 
     Each part, in order: what the operator gave (``host``, ``port``, ``ca_file``/``no_ca``);
-    then the file being replaced (``previous``: ``users rotate`` keeps its relay); then the
-    record of the relay that serves this data folder (DATA_DIR/relay.json); then, before the
-    relay's first start, the defaults the relay will use: DEFAULT_PORT and the self-signed
-    certificate in the data folder — created now, the way the relay would, so the file carries
-    its CA.
+    then what the operator gave for this ``entry`` before (its ``server_host``/``server_port``:
+    ``users rotate`` keeps them, whatever file it writes); then the file being replaced
+    (``previous``); then the record of the relay that serves this data folder
+    (DATA_DIR/relay.json); then, before the relay's first start, the defaults the relay will
+    use: DEFAULT_PORT and the self-signed certificate in the data folder — created now, the way
+    the relay would, so the file carries its CA.
     """
     record = recall_relay(store.data_dir)
     explicit_host = host
+    sources: list[str] = []  # where the parts not given came from
+    if entry is not None:
+        recorded = [name for name, given, own in (("host", host, entry.server_host),
+                                                  ("port", port, entry.server_port))
+                    if own and not given]
+        if recorded:
+            sources.append(f"{' and '.join(recorded)} as recorded for the entry")
+        host, port = host or entry.server_host or None, port or entry.server_port or None
+        explicit_host = explicit_host or entry.server_host or None
     missing = " and ".join(name for name, value in (("host", host), ("port", port)) if not value)
-    where = "as given"
     if missing:
         if previous is not None:
             host, port = host or previous.host, port or previous.port
-            where = f"{missing} as in the file it replaces"
+            sources.append(f"{missing} as in the file it replaces")
         elif record is not None:
             host, port = host or record.host, port or record.port
-            where = f"{missing} from {store.data_dir / RELAY_RECORD}"
+            sources.append(f"{missing} from {store.data_dir / RELAY_RECORD}")
         else:
-            where = f"{missing} by default: no relay has started with this data folder yet"
+            sources.append(f"{missing} by default: no relay has started with this data folder "
+                           "yet")
+    where = "; ".join(sources) or "as given"
     given_host = host
 
     ca: str | None

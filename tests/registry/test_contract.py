@@ -139,12 +139,31 @@ def test_round_trip_of_every_field(url: str) -> None:
         updated=1_700_000_123.654321,
         visitor=VisitorSecret.from_password("2f402f80-da50-11e1-9b23-000000000001", "pw"),
         proxy_protocol=2,
+        server_host="relay.example.com",
+        server_port=443,
     )
 
     async def body(registry: Registry) -> None:
         await registry.add(entry)
         assert await registry.get(entry.uuid) == entry
         assert await registry.list() == [entry]
+
+    run(url, body)
+
+
+def test_an_entrys_own_relay_address_is_kept_by_a_rotation(url: str) -> None:
+    entry = replace(make_entry("hub"), server_host="hub-relay.example.com")
+
+    async def body(registry: Registry) -> None:
+        await registry.add(entry)
+        await registry.replace(entry.rotated())
+        got = await registry.get("hub")
+        assert got is not None and (got.server_host, got.server_port) == (
+            "hub-relay.example.com", 0)
+        await registry.replace(replace(got, server_port=8443))
+        got = await registry.get("hub")
+        assert got is not None and got.server_port == 8443
+        assert got.server_host == "hub-relay.example.com"
 
     run(url, body)
 

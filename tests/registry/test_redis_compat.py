@@ -124,6 +124,40 @@ def test_the_proxy_option_is_ours_and_an_unknown_value_means_none(
     assert raw.get(ORIGINAL_ID) == ORIGINAL_VALUE.encode()
 
 
+def test_an_own_relay_address_is_ours_and_a_bad_one_means_none(
+    redis_registry_url: str, raw: redis.Redis
+) -> None:
+    raw.set(ORIGINAL_ID, ORIGINAL_VALUE)
+    for key, server in (("text", "relay.example.com"), ("blank", {"host": ""}),
+                        ("spaced", {"host": "a b"}), ("port", {"port": "443"}),
+                        ("huge", {"port": 65536}), ("list", [1])):
+        raw.set(key, json.dumps({"authParams": {"base32": "AAAA"}, "server": server}))
+
+    async def main() -> None:
+        registry = RedisRegistry(redis_registry_url)
+        try:
+            await registry.add(Entry(uuid="ours", base32="BBBB", server_host="relay.example.com"))
+            found = {e.uuid: (e.server_host, e.server_port) for e in await registry.list()}
+            assert found == {key: ("", 0) for key in
+                             (ORIGINAL_ID, "text", "blank", "spaced", "port", "huge", "list")} | {
+                "ours": ("relay.example.com", 0)}
+            # The original's entry rotated by us: our layout, still no address of its own.
+            original = await registry.get(ORIGINAL_ID)
+            assert original is not None
+            await registry.replace(original.rotated())
+            rotated = await registry.get(ORIGINAL_ID)
+            assert rotated is not None and (rotated.server_host, rotated.server_port) == ("", 0)
+        finally:
+            await registry.close()
+
+    asyncio.run(main())
+    value = raw.get("ours")
+    assert isinstance(value, bytes)
+    assert json.loads(value)["server"] == {"host": "relay.example.com"}
+    rotated_value = raw.get(ORIGINAL_ID)
+    assert isinstance(rotated_value, bytes) and "server" not in json.loads(rotated_value)
+
+
 def test_other_data_is_skipped(redis_registry_url: str, raw: redis.Redis) -> None:
     raw.set(ORIGINAL_ID, ORIGINAL_VALUE)
     junk: dict[str, str | bytes] = {

@@ -101,7 +101,7 @@ def test_creates_folders_and_uses_wal(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         columns = [row[1] for row in conn.execute("PRAGMA table_info(entries)")]
         assert columns == ["uuid", "base32", "step", "digits", "label", "created", "updated",
-                           "visitor", "name", "proxy"]
+                           "visitor", "name", "proxy", "server_host", "server_port"]
     finally:
         conn.close()
 
@@ -285,6 +285,39 @@ def test_a_proxy_value_that_is_no_version_reads_as_none(tmp_path: Path) -> None:
         conn.close()
         entry = await registry.get("hub")
         assert entry is not None and entry.proxy_protocol == 0
+        await registry.close()
+
+    asyncio.run(body())
+
+
+def test_a_file_from_before_entries_had_their_own_relay_address_is_upgraded(
+        tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE entries (uuid TEXT PRIMARY KEY, base32 TEXT NOT NULL, step "
+                     "INTEGER NOT NULL, digits INTEGER NOT NULL, label TEXT NOT NULL DEFAULT '', "
+                     "created REAL NOT NULL, updated REAL NOT NULL, "
+                     "visitor TEXT NOT NULL DEFAULT '', name TEXT NOT NULL DEFAULT '', "
+                     "proxy INTEGER NOT NULL DEFAULT 0)")
+        conn.execute("INSERT INTO entries VALUES ('old', 'JBSWY3DPEHPK3PXP', 30, 6, '', 1, 1, "
+                     "'', '', 1)")
+    conn.close()
+
+    async def body() -> None:
+        registry = SQLiteRegistry(f"sqlite:///{path}")
+        entry = await registry.get("old")
+        assert entry is not None and (entry.server_host, entry.server_port) == ("", 0)
+        assert entry.proxy_protocol == 1
+        await registry.replace(replace(entry, server_host="relay.example.com", server_port=443))
+        again = await registry.get("old")
+        assert again is not None
+        assert (again.server_host, again.server_port, again.proxy_protocol) == (
+            "relay.example.com", 443, 1)
+        with sqlite3.connect(path) as conn:  # hand edits that are no address
+            conn.execute("UPDATE entries SET server_host = 'two words', server_port = 70000")
+        conn.close()
+        edited = await registry.get("old")
+        assert edited is not None and (edited.server_host, edited.server_port) == ("", 0)
         await registry.close()
 
     asyncio.run(body())

@@ -186,19 +186,21 @@ def provisioning_options(*, files: bool = True) -> argparse.ArgumentParser:
     with ``files``, also where it goes."""
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("provisioning file")
+    # users add/rotate record a given address in the entry (registrar.public_address).
+    kept = "; the entry keeps it for its later files" if files else ""
     group.add_argument(
         "--server-host",
         metavar="HOST",
         help="relay host hidden servers connect to: its public name (default: the relay's, as "
         "'serve' recorded it in DIR/relay.json; before its first start the first public name "
-        "in DIR/cert.pem, else this machine's FQDN)",
+        f"in DIR/cert.pem, else this machine's FQDN){kept}",
     )
     group.add_argument(
         "--server-port",
         type=int_in(1, 65535),
         metavar="PORT",
         help=f"relay port hidden servers connect to (default: the relay's, from DIR/relay.json; "
-        f"before its first start {DEFAULT_PORT})",
+        f"before its first start {DEFAULT_PORT}){kept}",
     )
     ca = group.add_mutually_exclusive_group()
     ca.add_argument(

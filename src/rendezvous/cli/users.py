@@ -131,7 +131,7 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
         "rotate",
         _rotate,
         "give a hidden server a new secret and write its new provisioning file (for the relay "
-        "its old file names, unless told otherwise)",
+        "address given for it before, else the one its old file names, unless told otherwise)",
         output,
     )
     rotate.add_argument("id", metavar="ID")
@@ -223,15 +223,19 @@ def _provision(
             with contextlib.suppress(ConfigError):  # --json for an ID that is no file name
                 old = registrar.provisioning_path(found, uuid)
         previous = registrar.previous_file(old, uuid)
-    public = registrar.public_address(
-        found, host=args.server_host, port=args.server_port, ca_file=args.ca, no_ca=args.no_ca,
-        previous=previous,
-    )
 
-    async def op(registry: Registry) -> tuple[Entry, dict[str, Any]]:
-        return await registrar.provision(registry, change, public.relay, out)
+    async def op(registry: Registry) -> tuple[Entry, dict[str, Any], registrar.PublicAddress]:
+        # A rotation keeps the relay address given for the entry before (its own file may be
+        # elsewhere, or gone).
+        recorded = await registry.get(uuid) if replaces else None
+        public = registrar.public_address(
+            found, host=args.server_host, port=args.server_port, ca_file=args.ca,
+            no_ca=args.no_ca, previous=previous, entry=recorded,
+        )
+        entry, doc = await registrar.provision(registry, change, public.relay, out)
+        return entry, doc, public
 
-    entry, doc = registrar.with_registry(found.registry_url, op)
+    entry, doc, public = registrar.with_registry(found.registry_url, op)
     if args.json:
         print(json.dumps(doc, indent=2))
     if public.warning is not None:
@@ -299,6 +303,8 @@ def _add(args: argparse.Namespace) -> int:
         visitor=(VisitorSecret.from_password(uuid, args.visitor_password)
                  if args.visitor_password else None),
         proxy_protocol=args.proxy_protocol or 0,
+        # Given here, the relay's address stays this entry's: later rotations keep it.
+        server_host=args.server_host or "", server_port=args.server_port or 0,
     )
     registrar.prepare_data_dir(found, create=True)
     added, out, facts = _provision(args, found, uuid, registrar.adding(entry), replaces=False)
@@ -314,7 +320,8 @@ _REVOKED = ("a running relay closes the connections parked with the old secret (
 def _rotate(args: argparse.Namespace) -> int:
     found = _opened(args)
     uuid: str = args.id
-    change = registrar.rotating(uuid, proxy_protocol=args.proxy_protocol)
+    change = registrar.rotating(uuid, proxy_protocol=args.proxy_protocol,
+                                server_host=args.server_host, server_port=args.server_port)
     entry, out, facts = _provision(args, found, uuid, change, replaces=True)
     _report("rotated the secret of", entry, out, facts, args.json)
     stream = sys.stderr if args.json else sys.stdout
@@ -409,6 +416,11 @@ def _show(args: argparse.Namespace) -> int:
                 f"'users visitor {entry.uuid} --password P')")
     print(f"visitors: {visitors}")
     print(f"PROXY:    {_proxy_words(entry)}")
+    own = " and ".join(f"{part} {value}" for part, value in (("host", entry.server_host),
+                                                             ("port", entry.server_port)) if value)
+    relay = (f"{own} (its own, from --server-host/--server-port)" if own
+             else "the relay address of its data folder (relay.json)")
+    print(f"relay:    {relay}")
     return 0
 
 

@@ -37,6 +37,12 @@ def normal_name(name: str) -> str:
     return name
 
 
+def valid_server_host(host: str) -> bool:
+    """Whether ``host`` can be an entry's own relay host: a name or address of at most 253
+    characters, no white space or control characters (it goes into files and log lines)."""
+    return 0 < len(host) <= 253 and host.isprintable() and not any(c.isspace() for c in host)
+
+
 def new_secret() -> str:
     """A fresh random base32 TOTP secret (no padding)."""
     return base64.b32encode(secrets.token_bytes(SECRET_BYTES)).decode("ascii").rstrip("=")
@@ -62,6 +68,11 @@ class Entry:
     # header of that version (for a local service that speaks it); 0 for none. The relay itself
     # never reads it: the agent asks per connection.
     proxy_protocol: int = 0
+    # Where its provisioning files send the hidden server, when the operator said so for this
+    # entry (users add/rotate --server-host, --server-port): "" and 0 follow the relay's own
+    # recorded address. Kept so that a rotation writes the same relay into the new file.
+    server_host: str = ""
+    server_port: int = 0
 
     def same_secret(self, other: Entry) -> bool:
         """Whether a token made for ``other`` is checked the same way against this entry: a
@@ -85,6 +96,9 @@ class Entry:
             **({"visitor": {"md5": self.visitor.md5, "sha256": self.visitor.sha256}}
                if self.visitor else {}),
             **({"proxyProtocol": self.proxy_protocol} if self.proxy_protocol else {}),
+            **({"server": {**({"host": self.server_host} if self.server_host else {}),
+                           **({"port": self.server_port} if self.server_port else {})}}
+               if self.server_host or self.server_port else {}),
         }
 
     @classmethod
@@ -95,6 +109,10 @@ class Entry:
         visitor = record.get("visitor")
         name = record.get("name")
         proxy = record.get("proxyProtocol")
+        server = record.get("server")
+        if not isinstance(server, dict):
+            server = {}
+        host, port = server.get("host"), server.get("port")
         return cls(
             uuid=uuid,
             base32=str(auth["base32"]),
@@ -109,6 +127,9 @@ class Entry:
             name=name if isinstance(name, str) and valid_name(name) else "",
             # Likewise a version we do not know: its files ask for no PROXY header.
             proxy_protocol=(proxy if type(proxy) is int and proxy in PROXY_VERSIONS else 0),
+            # And an address that is none: its files go to the relay's own.
+            server_host=host if isinstance(host, str) and valid_server_host(host) else "",
+            server_port=port if type(port) is int and 1 <= port <= 65535 else 0,
         )
 
 

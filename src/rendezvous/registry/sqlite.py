@@ -35,7 +35,14 @@ from rendezvous.errors import (
     UnknownEntry,
 )
 from rendezvous.protocol.digest import VisitorSecret
-from rendezvous.registry.base import PROXY_VERSIONS, Changes, Entry, Registry, _drain
+from rendezvous.registry.base import (
+    PROXY_VERSIONS,
+    Changes,
+    Entry,
+    Registry,
+    _drain,
+    valid_server_host,
+)
 
 # How long a statement waits for another connection's lock before failing. Only writers contend
 # (the CLI against a rotation from the admin page), and each holds the lock for milliseconds.
@@ -54,15 +61,19 @@ CREATE TABLE IF NOT EXISTS entries (
     updated REAL NOT NULL,
     visitor TEXT NOT NULL DEFAULT '',
     name    TEXT NOT NULL DEFAULT '',
-    proxy   INTEGER NOT NULL DEFAULT 0
+    proxy   INTEGER NOT NULL DEFAULT 0,
+    server_host TEXT NOT NULL DEFAULT '',
+    server_port INTEGER NOT NULL DEFAULT 0
 )
 """
-# Files made before the visitor check, names or the PROXY option lack their columns: added on
-# open (older programs reading the file again ignore columns they do not select).
+# Files made before the visitor check, names, the PROXY option or entries' own relay address
+# lack their columns: added on open (older programs ignore columns they do not select).
 _MIGRATIONS = {
     "visitor": "ALTER TABLE entries ADD COLUMN visitor TEXT NOT NULL DEFAULT ''",
     "name": "ALTER TABLE entries ADD COLUMN name TEXT NOT NULL DEFAULT ''",
     "proxy": "ALTER TABLE entries ADD COLUMN proxy INTEGER NOT NULL DEFAULT 0",
+    "server_host": "ALTER TABLE entries ADD COLUMN server_host TEXT NOT NULL DEFAULT ''",
+    "server_port": "ALTER TABLE entries ADD COLUMN server_port INTEGER NOT NULL DEFAULT 0",
 }
 # Names are unique among the entries that have one; the index also serves by_name().
 _NAME_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS entries_name ON entries (name) WHERE name <> ''"
@@ -90,7 +101,9 @@ CREATE TRIGGER IF NOT EXISTS entries_deleted AFTER DELETE ON entries BEGIN
 END;
 """
 
-_COLUMNS = "uuid, base32, step, digits, label, created, updated, visitor, name, proxy"
+_COLUMNS = ("uuid, base32, step, digits, label, created, updated, visitor, name, proxy,"
+            " server_host, server_port")
+_PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(",")))
 
 
 def path_from_url(url: str) -> Path:
@@ -124,11 +137,13 @@ def _visitor_text(entry: Entry) -> str:
 def _row(entry: Entry) -> tuple[Any, ...]:
     """``entry``'s values in the order of ``_COLUMNS``."""
     return (entry.uuid, entry.base32, entry.step, entry.digits, entry.label, entry.created,
-            entry.updated, _visitor_text(entry), entry.name, entry.proxy_protocol)
+            entry.updated, _visitor_text(entry), entry.name, entry.proxy_protocol,
+            entry.server_host, entry.server_port)
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
-    uuid, base32, step, digits, label, created, updated, visitor, name, proxy = row
+    (uuid, base32, step, digits, label, created, updated, visitor, name, proxy, server_host,
+     server_port) = row
     secret = json.loads(visitor) if visitor else None
     return Entry(
         uuid=uuid,
@@ -140,7 +155,11 @@ def _entry(row: tuple[Any, ...]) -> Entry:
         updated=float(updated),
         visitor=VisitorSecret(secret["md5"], secret["sha256"]) if secret else None,
         name=name or "",
-        proxy_protocol=proxy if proxy in PROXY_VERSIONS else 0,  # (a hand-edited row)
+        # (Values no program of ours writes: a hand-edited row.)
+        proxy_protocol=proxy if proxy in PROXY_VERSIONS else 0,
+        server_host=(server_host if isinstance(server_host, str)
+                     and valid_server_host(server_host) else ""),
+        server_port=server_port if type(server_port) is int and 1 <= server_port <= 65535 else 0,
     )
 
 
@@ -231,7 +250,7 @@ class SQLiteRegistry(Registry):
         conn = self._connect()
         try:
             conn.execute(
-                f"INSERT INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO entries ({_COLUMNS}) VALUES ({_PLACEHOLDERS})",
                 _row(entry),
             )
         except sqlite3.IntegrityError as exc:
@@ -246,7 +265,8 @@ class SQLiteRegistry(Registry):
             changed = self._change(
                 "write",
                 "UPDATE entries SET base32 = ?, step = ?, digits = ?, label = ?, created = ?,"
-                " updated = ?, visitor = ?, name = ?, proxy = ? WHERE uuid = ?",
+                " updated = ?, visitor = ?, name = ?, proxy = ?, server_host = ?,"
+                " server_port = ? WHERE uuid = ?",
                 (*_row(entry)[1:], entry.uuid),
             )
         except RegistryError as exc:
