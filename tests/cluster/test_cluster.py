@@ -211,6 +211,33 @@ def test_websocket_through_another_node(nodes: dict[str, Node], redis_url: str) 
     hidden.close()
 
 
+def test_a_node_whose_listing_lapsed_publishes_its_counts_again(nodes: dict[str, Node],
+                                                                 redis_url: str) -> None:
+    entry = add_entry(redis_url)
+    a = nodes["A"]
+    hidden = a.park(entry)
+    a.wait_parked(entry.uuid, 1)
+    # What a heartbeat late by more than the TTL looks like from Redis: A's listing expired and
+    # another node's lookup pruned A's count as a dead node's.
+    client = redis.Redis.from_url(a.cluster_url)
+    try:
+        client.delete("rendezvous:node:A")
+        client.hdel(f"rendezvous:parked:{entry.uuid}", "A")
+    finally:
+        client.close()
+    # A's next heartbeat (every TTL / 3) finds its key gone and publishes its counts at once,
+    # well before the full resync (every ten heartbeats), so visitors on B find it again.
+    a.wait_parked(entry.uuid, 1, timeout=TTL * 10 / 3 / 2)
+    client_sock = nodes["B"].connect()
+    auth = base64.b64encode(f"{entry.uuid}:x".encode()).decode()
+    client_sock.sendall(f"GET /again HTTP/1.1\r\nHost: relay\r\nAuthorization: Basic {auth}\r\n"
+                        f"Connection: close\r\n\r\n".encode())
+    hidden.settimeout(10)
+    assert hidden.recv(100).startswith(b"GET /again ")
+    hidden.close()
+    client_sock.close()
+
+
 def test_wrong_cluster_key_cannot_join_the_conversation(nodes: dict[str, Node]) -> None:
     from rendezvous.server.cluster import CLUSTER_CERT_NAME, cluster_ssl_contexts
 

@@ -284,11 +284,17 @@ class ClusterMember:
 
     async def _beat(self) -> None:
         try:
-            await self.redis.set(self._node_key, self.advertise, px=int(self.config.ttl * 1000))
+            before = await self.redis.set(self._node_key, self.advertise,
+                                          px=int(self.config.ttl * 1000), get=True)
             self._set_health(True)
         except (RedisError, OSError) as exc:
             self._set_health(False, exc)
             return
+        if before is None:
+            # Our listing had lapsed (a heartbeat late by more than the TTL: a stalled loop or
+            # Redis): other nodes' lookups have pruned our counts since. Publish them all again
+            # now rather than at the next full resync, or our hidden servers stay unfound.
+            self._dirty |= set(self._published) | set(self._parked_ids())
         if self._dirty:
             dirty, self._dirty = self._dirty, set()
             await self._publish(dirty)
