@@ -17,6 +17,8 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -127,6 +129,15 @@ def test_forwarded_clients_share_one_link(tmp_path: Path, redis_url: str) -> Non
         assert all((r.header("forwarded") or "").startswith("for=127.0.0.7;") for r in again)
         # Streams end with their clients: nothing is left open on A but the link itself.
         wait_for(lambda: status(a)["relay"]["open"] == 0, "A's streams closed")
+        # What an operator reads in a terminal.
+        shown = subprocess.run(
+            [sys.executable, "-m", "rendezvous", "status", "--socket",
+             str(b.log.parent / "data" / f"relay-{b.port}.sock")],
+            capture_output=True, text=True, timeout=30, check=True).stdout
+        counts = internal(b)
+        assert (f"cluster: links out 1 (opened 1), in 0; forwarded clients out "
+                f"{counts['streams_out']}, in 0; remembered routes taken "
+                f"{counts['route_hits']}, refused {counts['route_misses']}") in shown
 
 
 def test_a_hidden_server_that_moved_costs_one_refused_probe(tmp_path: Path,

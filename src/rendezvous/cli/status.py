@@ -89,6 +89,13 @@ def _print(status: dict[str, Any], ids: dict[str, dict[str, Any]]) -> None:
           f"{relay.get('parked', 0)} parked, {relay.get('active', 0)} active, "
           f"{relay.get('pairings', 0)} pairings, {_bytes(relay.get('bytes', 0))}, "
           f"{relay.get('rejections_total', 0)} rejections")
+    cluster = status.get("cluster")
+    if cluster:
+        print(f"cluster: links out {cluster.get('links', 0)} (opened "
+              f"{cluster.get('links_opened', 0)}), in {cluster.get('links_in', 0)}; forwarded "
+              f"clients out {cluster.get('streams_out', 0)}, in {cluster.get('streams_in', 0)}; "
+              f"remembered routes taken {cluster.get('route_hits', 0)}, refused "
+              f"{cluster.get('route_misses', 0)}")
     rows = [("ID", "LABEL", "PARKED", "ACTIVE", "PAIRINGS", "BYTES", "LAST SEEN")]
     for uuid in sorted(ids, key=lambda u: (-float(ids[u].get("last_seen") or 0), u)):
         n = ids[uuid]
