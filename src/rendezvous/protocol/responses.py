@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 from dataclasses import dataclass
@@ -105,6 +106,7 @@ def challenge(upgrade: bool, close: bool, nonce: str | None = None,
     )
 
 
+@functools.lru_cache(maxsize=64)  # (the relay makes its 503 at every accept, unsent)
 def status_only(status: int) -> bytes:
     """A bodiless closing response for limit breaches (408, 431, 503)."""
     phrase = HTTPStatus(status).phrase.encode()
