@@ -159,6 +159,10 @@ def parse_head(data: bytes, max_headers: int) -> RequestHead:
         raise MalformedHead("malformed request head") from exc
     except httptools.HttpParserError as exc:
         raise MalformedHead(f"malformed request head: {exc}") from exc
+    finally:
+        # The parser holds the collector's bound methods: without this, each head left a
+        # reference cycle (six objects and the header list) for the garbage collector.
+        collector.parser = None
     if not collector.complete:
         raise MalformedHead("malformed request head")
     version = parser.get_http_version()
