@@ -279,6 +279,9 @@ class Relaying(LegBase):
             return
         mobile, hidden = (self, peer) if self.framer is not None else (peer, self)
         self._account_pair(mobile, hidden)
+        # Both legs are gone: unlinked, they (and their transports) are freed at once rather
+        # than left as a reference cycle for the garbage collector, two per pairing.
+        self.peer = peer.peer = None
 
     def _account_pair(self, mobile: LegBase, hidden: LegBase) -> None:
         """Count and log a pairing that has ended."""
