@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -163,6 +164,41 @@ def digest_fields(rest: str) -> dict[str, str] | None:
         return parse_keqv_list(split_http_list(rest))
     except (ValueError, IndexError):  # e.g. 'username=' with no value at all
         return None
+
+
+# A Digest value in the shape clients send: ASCII, name=value fields split by commas, each
+# value a token or a quoted string with no comma or backslash in it. For such a value the
+# fields are plain to see: one scan in C checks the shape, and the user name is found without
+# building every field (routing reads it for each request).
+_SPACE = r"[\t-\r\x1c-\x20]"  # what str.strip() strips, in ASCII
+_PLAIN_FIELD = r'[^\t-\r\x1c-\x20=,"\\]++=(?:"[^"\\,]*+"|[^\t-\r\x1c-\x20",\\]++)'
+_PLAIN_FIELDS = re.compile(
+    rf"{_SPACE}*+{_PLAIN_FIELD}(?:{_SPACE}*+,{_SPACE}*+{_PLAIN_FIELD})*+{_SPACE}*+")
+_SPACES = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+
+
+def digest_username(rest: str) -> str | None:
+    """The ``username`` field of a Digest ``Authorization`` value, or None if the value is
+    malformed or has none: ``digest_fields(rest).get("username")``, faster."""
+    if not (rest.isascii() and _PLAIN_FIELDS.fullmatch(rest)):
+        fields = digest_fields(rest)
+        return fields.get("username") if fields is not None else None
+    # The last field named username (as in a dict of the fields): "username=" where a field
+    # starts, at the start or after a comma (a quoted value holds none) and spaces.
+    end = len(rest)
+    while True:
+        at = rest.rfind("username=", 0, end)
+        if at < 0:
+            return None
+        before = rest[:at].rstrip(_SPACES)
+        if not before or before[-1] == ",":
+            break
+        end = at
+    value = at + len("username=")
+    if rest.startswith('"', value):
+        return rest[value + 1:rest.index('"', value + 1)]
+    comma = rest.find(",", value)
+    return rest[value:comma if comma >= 0 else len(rest)].rstrip(_SPACES)
 
 
 def challenge_headers(nonces: NonceBook, stale: bool = False) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from rendezvous.protocol.digest import basic_credentials, digest_fields
+from rendezvous.protocol.digest import basic_credentials, digest_username
 from rendezvous.protocol.head import RequestHead
 
 CONNECT_SCHEME = "uuid:"
@@ -103,8 +103,7 @@ def authorization_username(value: bytes) -> str | None:
     scheme, _, rest = value.decode("latin-1").strip().partition(" ")
     scheme = scheme.lower()
     if scheme == "digest":
-        fields = digest_fields(rest)
-        return fields.get("username") or None if fields is not None else None
+        return digest_username(rest) or None
     if scheme == "basic":
         credentials = basic_credentials(rest)
         return credentials[0] or None if credentials is not None else None
