@@ -240,9 +240,10 @@ class RequestFramer:
         """Bytes fed and not yet returned (a head in the making, or held bytes)."""
         return len(self._buffer) + len(self._reader.trailing)
 
-    def begin(self, head: RequestHead) -> None:
-        """Follow the body of ``head``, a head the caller parsed itself (the first one)."""
-        self._body = request_body(head)
+    def begin(self, head: RequestHead, body: BodyReader | None = None) -> None:
+        """Follow the body of ``head``, a head the caller parsed itself (the first one);
+        ``body``: its :func:`request_body`, if the caller has it already."""
+        self._body = request_body(head) if body is None else body
         self._upgrade = head.is_upgrade
 
     def feed(self, data: bytes | bytearray) -> None:

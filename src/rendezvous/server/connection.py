@@ -444,7 +444,8 @@ class Connection(HiddenSide, MobileSide, Relaying):
             self._verify_soon(decision)
         elif isinstance(decision, Pair):
             try:
-                request_body(head)  # its body must be one we can find the end of
+                # Its body must be one we can find the end of; the pairing follows it from here.
+                self.body = request_body(head)
             except FramingError as exc:
                 self._reject(exc.reason, responses.full_error(
                     400, exc.reason, permanent=True, close=True), status=400)
@@ -475,7 +476,7 @@ class Connection(HiddenSide, MobileSide, Relaying):
         """A request for NAME.DOMAIN: find the entry with that name, then pair as if the
         request had named its ID (its bytes meanwhile wait, as a waiting client's do)."""
         try:
-            request_body(head)
+            self.body = request_body(head)
         except FramingError as exc:
             self._reject(exc.reason, responses.full_error(
                 400, exc.reason, permanent=True, close=True), status=400)

@@ -18,7 +18,7 @@ import ssl
 from typing import Any, cast
 
 from rendezvous.protocol import proxy, responses
-from rendezvous.protocol.framing import RequestFramer, ResponseFramer
+from rendezvous.protocol.framing import BodyReader, RequestFramer, ResponseFramer
 from rendezvous.protocol.head import HeadError, HeadReader, RequestHead
 from rendezvous.protocol.routing import Park
 from rendezvous.registry import Entry
@@ -101,6 +101,7 @@ class LegBase(asyncio.Protocol):
 
     __slots__ = (
         "__weakref__",
+        "body",
         "discarding",
         "entry",
         "eof",
@@ -161,6 +162,9 @@ class LegBase(asyncio.Protocol):
         self.left = 0
         self.discarding = False  # mobile: dropping the body of a request answered here
         self.framer: RequestFramer | None = None  # mobile: its requests' framing
+        # Mobile: how the body of the request being paired is framed (found when it was
+        # routed), for the pairing's framer to follow.
+        self.body: BodyReader | None = None
         self.responses: ResponseFramer | None = None  # hidden: its answers' framing
         self.pending: RequestHead | HeadError | None = None  # mobile: to serve after the pair
         self.idle_timer: asyncio.TimerHandle | None = None  # mobile: the pairing's idle check

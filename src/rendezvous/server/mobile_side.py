@@ -288,7 +288,8 @@ class MobileSide(LegBase):
         assert head is not None
         limits = hub.limits
         framer = self.framer = RequestFramer(limits.max_head_size, limits.max_headers)
-        framer.begin(head)
+        framer.begin(head, self.body)
+        self.body = None
         answers = other.responses = ResponseFramer()
         answers.expect(head.method)
         if other.send_proxy:  # (a leg to another node has none: that node's hidden leg may)
