@@ -169,13 +169,9 @@ def parse_head(data: bytes, max_headers: int) -> RequestHead:
     # llhttp also takes HTTP/0.9-style lines (no version) and "HTTP/2.0": not ours to relay.
     if version not in ("1.0", "1.1") or not collector.url:
         raise MalformedHead(f"unsupported request line (HTTP/{version or '0.9'})")
-    return RequestHead(
-        method=parser.get_method().decode("latin-1"),
-        target=collector.url.decode("latin-1"),
-        version=version,
-        headers=tuple(collector.headers),
-        keep_alive=collector.keep_alive,
-    )
+    # (Positional: a frozen dataclass's keyword call costs a fifth more, twice per pairing.)
+    return RequestHead(parser.get_method().decode("latin-1"), collector.url.decode("latin-1"),
+                       version, tuple(collector.headers), collector.keep_alive)
 
 
 def _take_head(buffer: bytearray, scanned: int, max_head_size: int,
@@ -200,7 +196,8 @@ def _take_head(buffer: bytearray, scanned: int, max_head_size: int,
         raise too_long
     if end < 0:
         return None, len(buffer)
-    head = parse_head(bytes(buffer[:end]), max_headers)
+    # (The usual read is one whole head: copied once, not sliced and then copied.)
+    head = parse_head(bytes(buffer) if end == len(buffer) else bytes(buffer[:end]), max_headers)
     del buffer[:end]
     return head, end
 
