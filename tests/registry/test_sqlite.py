@@ -7,14 +7,17 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from rendezvous.errors import ConfigError, DuplicateName, RegistryError
 from rendezvous.protocol.digest import VisitorSecret
 from rendezvous.registry import Entry
+from rendezvous.registry.base import Changes
 from rendezvous.registry.sqlite import SQLiteRegistry, path_from_url
 
 
@@ -80,6 +83,65 @@ def test_rotation_by_a_second_handle_is_seen_at_once(tmp_path: Path) -> None:
         finally:
             await server.close()
             await operator.close()
+
+    asyncio.run(main())
+
+
+def test_fresh_sees_every_commit_and_asks_sqlite_only_after_one(tmp_path: Path) -> None:
+    """fresh() (the entry cache's check before each use) says False from the moment another
+    connection commits, however it writes (our code, the sqlite3 shell, a checkpoint that
+    resets the WAL), and True again once the watch has read the change. While nothing is
+    committed it answers from the WAL index's header, without a PRAGMA."""
+    db = tmp_path / "registry.sqlite3"
+
+    async def main() -> None:
+        relay, operator = SQLiteRegistry(url_for(db)), SQLiteRegistry(url_for(db))
+        shell = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        reports: asyncio.Queue[Changes] = asyncio.Queue()
+
+        async def follow() -> None:  # as the relay's entry cache follows its registry
+            async for changes in relay.watch(3600):  # (woken by hand below, not by time)
+                reports.put_nowait(changes)
+
+        watching = asyncio.get_running_loop().create_task(follow())
+        queries: list[str] = []
+        real_query = relay._query
+
+        def counted(action: str, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+            queries.append(sql)
+            return real_query(action, sql, params)
+
+        relay._query = counted  # type: ignore[method-assign]
+        try:
+            await reports.get()
+            assert relay.fresh()
+            queries.clear()
+            assert relay.fresh() and relay.fresh()
+            assert queries == []  # answered from the header
+            writes: list[Callable[[], object]] = [
+                lambda: asyncio.run(operator.add(Entry(uuid="a", base32="AAAA"))),
+                lambda: shell.execute("UPDATE entries SET label = 'x'"),
+                lambda: shell.execute("PRAGMA wal_checkpoint(TRUNCATE)"),
+                lambda: asyncio.run(operator.remove("a")),
+            ]
+            for write in writes:
+                await asyncio.to_thread(write)  # (another thread: as another process would)
+                version_moved = relay._query("poll", "PRAGMA data_version")[0][0] != (
+                    relay._watched_version)
+                assert relay.fresh() is not version_moved
+                if version_moved:
+                    assert not relay.fresh()  # (until the watch catches up)
+                    relay._changed("-")  # wake the watch: it polls at once
+                    await asyncio.wait_for(reports.get(), 5)
+                assert relay.fresh()
+            await relay.add(Entry(uuid="b", base32="AAAA"))  # its own write: nothing to watch
+            assert relay.fresh()
+        finally:
+            watching.cancel()
+            shell.close()
+            await relay.close()
+            await operator.close()
+        assert not relay.fresh()
 
     asyncio.run(main())
 
