@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -17,8 +18,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from pebble_support import Pebble, run_pebble
 from support import free_port, stop_process, tail, wait_for_port
+
+from rendezvous.server.certstore import REDIS_PREFIX
 
 NAME = "relay.test"
 RUN_TIMEOUT = 60.0
@@ -142,6 +146,57 @@ def test_one_command_on_a_vps_with_a_domain(pebble: Pebble, tmp_path: Path) -> N
             stop_process(agent)
         stop_process(relay)
         stop_process(web)
+
+
+# From SIGTERM to exit, with an order held pending: far below how long pebble holds it (its
+# validation of a challenge that never answers), far above a relay's ordinary stop.
+EXIT_BOUND = 8.0
+
+
+def test_a_stop_during_an_order_abandons_it_at_once(pebble: Pebble, tmp_path: Path,
+                                                     redis_url: str) -> None:
+    """SIGTERM while pebble validates the relay's challenge: ``serve`` exits within EXIT_BOUND,
+    the order abandoned, its challenge withdrawn and the order lock released in the cluster's
+    Redis, all logged."""
+    cluster_url = redis_url.rsplit("/", 1)[0] + "/6"
+    shared = redis.Redis.from_url(cluster_url)
+    shared.flushdb()
+    # pebble validates TLS-ALPN-01 at tls_port: a listener there that takes the connection and
+    # never answers holds the validation, and so the order, pending. The relay is elsewhere.
+    holder = socket.create_server(("127.0.0.1", pebble.tls_port))
+    holder.settimeout(RUN_TIMEOUT)
+    log = tmp_path / "relay.log"
+    relay = start(["serve", "--host", "127.0.0.1", "--port", str(free_port()), "--data-dir",
+                   "data", "--public-host", NAME, "--acme", "--acme-directory", pebble.directory,
+                   "--acme-ca-bundle", str(pebble.ca_bundle), "--cluster", cluster_url,
+                   "--node-id", "A", "--internal", f"127.0.0.1:{free_port()}",
+                   "--cluster-key", "acme-abandon-key-0123456789"], tmp_path, log)
+    validation: socket.socket | None = None
+    try:
+        validation, _ = holder.accept()  # pebble is validating: the order is pending
+        assert shared.get(REDIS_PREFIX + "lock") == b"A"
+        assert shared.hlen(REDIS_PREFIX + "challenges") == 1
+        assert "acme order abandoned" not in log.read_text()
+
+        relay.send_signal(signal.SIGTERM)
+        try:
+            status = relay.wait(EXIT_BOUND)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running {EXIT_BOUND} s after SIGTERM:\n"
+                                 f"{tail(log, 20)}") from None
+        assert status == 0, tail(log, 20)
+        text = log.read_text()
+        assert "acme order abandoned" in text and "lock=released" in text, text
+        assert "challenges_withdrawn=1" in text and "Traceback" not in text, text
+        assert shared.get(REDIS_PREFIX + "lock") is None
+        assert shared.hlen(REDIS_PREFIX + "challenges") == 0
+    finally:
+        stop_process(relay)
+        if validation is not None:
+            validation.close()
+        holder.close()
+        shared.flushdb()
+        shared.close()
 
 
 @pytest.mark.parametrize(("args", "message"), [

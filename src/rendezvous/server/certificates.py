@@ -27,6 +27,12 @@ certificate it learns of, so all nodes answer the CA and serve the same certific
 
 A failed order is logged with what to fix and retried with back-off; the certificate in use
 (the stored one, or the self-signed one on a first start) keeps serving meanwhile.
+
+An order runs in a daemon thread of its own, not asyncio's executor (which the loop's end and
+the interpreter's exit both wait for). At shutdown (:meth:`CertificateManager.close`) an order
+in progress is abandoned: the event loop withdraws its challenges, releases the order lock and
+logs it at once, and the thread stops at its next step (it polls the CA a second at a time) or,
+stuck in a request to the CA, is left behind when the process exits.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -95,6 +101,8 @@ NETWORK_TIMEOUT = 30
 LOCK_RETRY = 2.0
 # After the registry or the cluster's Redis fails, wait this long before following it again.
 FOLLOW_RETRY = 1.0
+# An order polls the CA in slices this long, looking in between whether it was abandoned.
+POLL_SLICE = 1.0
 # Challenge kinds, as the keys Challenges and the shared store know them by.
 TLS_ALPN = TLS_ALPN_01
 HTTP = HTTP_01
@@ -304,6 +312,10 @@ def covers(cert_pem: bytes, names: tuple[str, ...]) -> bool:
     return all(n.lower() in have for n in names)
 
 
+class OrderAbandoned(Exception):
+    """The relay is stopping: the order in progress stops at its next step."""
+
+
 class AcmeError(Exception):
     """An order failed; the message says what to fix."""
 
@@ -403,6 +415,8 @@ class CertificateManager:
         self.held: list[str] = []  # slots the orders-per-hour limit made wait, in order
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
+        # Set by close(): an order thread still running stops at its next step.
+        self._abandon = threading.Event()
         self._mirrored: dict[str, str] = {}  # challenges copied from the cluster
 
     @property
@@ -443,6 +457,9 @@ class CertificateManager:
         self._wake.set()
 
     async def close(self) -> None:
+        """Stop the schedule; an order in progress is abandoned (see the module's docstring),
+        so this returns without waiting for the CA."""
+        self._abandon.set()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -491,7 +508,13 @@ class CertificateManager:
                                     now - self.config.orders_window)
             logs.event("acme order", names=",".join(slot.names), directory=self.config.directory,
                        store=self.store.shown)
-            certificate = await self._while_locked(asyncio.to_thread(self._order, slot.names))
+            posted: list[Pending] = []  # the order thread's challenges, as it posts them
+            try:
+                certificate = await self._while_locked(
+                    in_daemon_thread(lambda: self._order(slot.names, posted)))
+            except asyncio.CancelledError:
+                await self._abandoned(slot, posted)
+                raise
             await asyncio.to_thread(self.store.save, slot.key, certificate)
         except Exception as exc:  # any failure: log what to fix, keep serving, retry
             self._failed(slot, exc)
@@ -533,6 +556,22 @@ class CertificateManager:
                        until=datetime.datetime.fromtimestamp(slot.due, datetime.UTC).isoformat())
         return True
 
+    async def _abandoned(self, slot: Slot, posted: list[Pending]) -> None:
+        """The relay stops during the order of ``slot``: take its challenges back and give
+        the lock back here (its thread may be stuck in a request to the CA), and say so."""
+        self._abandon.set()
+        with contextlib.suppress(Exception):  # they expire by themselves
+            await asyncio.to_thread(self._withdraw, list(posted))
+        lock = "none"  # a lone relay's store has no lock
+        if self.store.shared:
+            try:
+                await asyncio.to_thread(self.store.release, self.node)
+                lock = "released"
+            except Exception:
+                lock = "left to expire"
+        logs.event("acme order abandoned: the relay is stopping", level=logging.WARNING,
+                   names=",".join(slot.names), challenges_withdrawn=len(posted), lock=lock)
+
     def _failed(self, slot: Slot, exc: BaseException) -> None:
         slot.error = explain(exc, self.config, slot.names)
         logs.event("acme order failed", level=logging.ERROR, names=",".join(slot.names),
@@ -542,17 +581,20 @@ class CertificateManager:
         slot.due = time.time() + slot.retry
         slot.retry = min(slot.retry * 2, self.config.retry_max)
 
-    async def _while_locked(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run ``work``, extending the order lock every third of its lifetime meanwhile."""
+    async def _while_locked(self, work: Awaitable[T]) -> T:
+        """Await ``work``, extending the order lock every third of its lifetime meanwhile."""
         task = asyncio.ensure_future(work)
         ttl = self.config.lock_ttl
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=ttl / 3)
-            if task in done:
-                return task.result()
-            if not await asyncio.to_thread(self.store.refresh, self.node, ttl):
-                logs.event("acme order lock lost (Redis slow or restarted?): another node may "
-                           "order too", level=logging.WARNING, node=self.node)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=ttl / 3)
+                if task in done:
+                    return task.result()
+                if not await asyncio.to_thread(self.store.refresh, self.node, ttl):
+                    logs.event("acme order lock lost (Redis slow or restarted?): another node "
+                               "may order too", level=logging.WARNING, node=self.node)
+        finally:
+            task.cancel()  # (cancelled here: what the work yields later goes nowhere)
 
     def _install(self, slot: Slot, certificate: Certificate) -> None:
         """Serve ``certificate`` for ``slot`` from the next handshake on (a no-op when it is
@@ -791,7 +833,15 @@ class CertificateManager:
             logs.event("acme: could not withdraw shared challenges", level=logging.WARNING,
                        error=str(exc))
 
-    def _order(self, names: tuple[str, ...]) -> Certificate:
+    def _go_on(self) -> None:
+        """Raise OrderAbandoned once the relay is stopping (looked at between the steps)."""
+        if self._abandon.is_set():
+            raise OrderAbandoned("the relay is stopping")
+
+    def _order(self, names: tuple[str, ...], posted: list[Pending]) -> Certificate:
+        """Order a certificate for ``names``; each challenge answered goes into ``posted``
+        first (the event loop withdraws them should the order be abandoned)."""
+        self._go_on()
         acme = self._client()
         account_key = acme.net.key
         assert account_key is not None
@@ -800,23 +850,79 @@ class CertificateManager:
                                          serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption())
         csr = crypto_util.make_csr(key_pem, list(names))
+        self._go_on()
         order = acme.new_order(csr)
-        posted: list[Pending] = []
         try:
             for authz in order.authorizations:
                 if authz.body.status == messages.STATUS_VALID:
                     continue  # validated recently for this account: nothing to prove
                 pending = self._answer(authz, account_key)
-                self._post(pending)
+                self._go_on()
                 posted.append(pending)
+                self._post(pending)
                 acme.answer_challenge(pending.challb, pending.response)
             # (acme compares with a naive local datetime.now())
             deadline = datetime.datetime.now() + datetime.timedelta(
                 seconds=self.config.order_timeout)
-            done = acme.poll_and_finalize(order, deadline)
+            done = self._poll_and_finalize(acme, order, deadline)
         finally:
-            self._withdraw(posted)
+            if not self._abandon.is_set():  # (abandoned: the event loop withdrew them)
+                self._withdraw(posted)
         return Certificate(done.fullchain_pem.encode("ascii"), key_pem)
+
+    def _poll_and_finalize(self, acme: client.ClientV2, order: messages.OrderResource,
+                           deadline: datetime.datetime) -> messages.OrderResource:
+        """acme's poll_and_finalize, in slices of POLL_SLICE: an abandoned order stops
+        polling within about a slice."""
+        order = self._in_slices(lambda until: acme.poll_authorizations(order, until), deadline)
+        try:
+            acme.begin_finalization(order)
+        except messages.Error as exc:
+            if exc.code != "orderNotReady":  # (not ready yet: the polling below finalizes)
+                raise
+        return self._in_slices(lambda until: acme.poll_finalization(order, until), deadline)
+
+    def _in_slices(self, poll: Callable[[datetime.datetime], T],
+                   deadline: datetime.datetime) -> T:
+        """``poll(until)`` again and again with short deadlines until it answers, the order is
+        abandoned (OrderAbandoned) or ``deadline`` passes (acme's TimeoutError)."""
+        while True:
+            self._go_on()
+            now = datetime.datetime.now()
+            if now >= deadline:
+                raise errors.TimeoutError()
+            with contextlib.suppress(errors.TimeoutError):  # (this slice's)
+                return poll(min(deadline, now + datetime.timedelta(seconds=POLL_SLICE)))
+
+
+def in_daemon_thread(work: Callable[[], T]) -> asyncio.Future[T]:
+    """``work()`` in a daemon thread of its own, as a future of the running loop. Unlike
+    asyncio.to_thread's executor, which the loop's end and the interpreter's exit join, a
+    thread left stuck (an abandoned order waiting on the CA) cannot hold up the exit; its
+    result, should it come after the loop closed, goes nowhere."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # cancelled: nobody waits for it
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(cast(T, result))
+
+    def run() -> None:
+        result: T | None = None
+        error: BaseException | None = None
+        try:
+            result = work()
+        except BaseException as exc:  # handed to the awaiting coroutine
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="acme-order", daemon=True).start()
+    return future
 
 
 def open_store(data_dir: Path, cluster: ClusterConfig | None) -> CertificateStore:
