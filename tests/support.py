@@ -87,6 +87,16 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
             proc.wait()
 
 
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0,
+             interval: float = 0.02) -> None:
+    """Poll ``check`` until it is true; AssertionError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(interval)
+
+
 def tail(path: Path, lines: int = 20) -> str:
     """The last ``lines`` lines of a log file, or a note that it is missing."""
     with contextlib.suppress(OSError):

@@ -396,26 +396,32 @@ def test_open_and_get_log_in_with_the_visitor_password(tmp_path: Path) -> None:
         assert "visitors: not checked" in relay.users("show", "v").out
 
 
-def test_the_admin_form_sets_a_visitor_password_and_8_digits(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+@contextmanager
+def admin_page(tmp_path: Path, data: Path) -> Iterator[tuple[Relay, str, requests.Session]]:
+    """A relay serving its admin page on loopback: (relay, the page's base URL, a session)."""
     admin_port = free_port()
     with serve(tmp_path, data, "--admin", f"127.0.0.1:{admin_port}") as relay:
         wait_for_port("127.0.0.1", admin_port, START_TIMEOUT, relay.proc)
-        base = f"http://127.0.0.1:{admin_port}"
         with requests.Session() as client:
-            page = client.get(base + "/", timeout=10)
-            assert re.search(r'<option value="8" selected>', page.text), "8 digits by default"
-            assert 'name="visitor_password"' in page.text
-            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
-            assert csrf
-            made = client.post(base + "/create", data={
-                "csrf": csrf.group(1), "label": "door", "step": "30", "digits": "8",
-                "visitor_password": "open sesame"}, allow_redirects=False, timeout=10)
-            assert made.status_code == 303, made.text
-            doc = client.get(base + made.headers["Location"].replace(
-                "/entry", "/provisioning.json"), timeout=10).json()
-            entry = client.get(base + made.headers["Location"], timeout=10).text
-            assert re.search(r'id="visitors">checked: they log in as', entry)
+            yield relay, f"http://127.0.0.1:{admin_port}", client
+
+
+def test_the_admin_form_sets_a_visitor_password_and_8_digits(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with admin_page(tmp_path, data) as (relay, base, client):
+        page = client.get(base + "/", timeout=10)
+        assert re.search(r'<option value="8" selected>', page.text), "8 digits by default"
+        assert 'name="visitor_password"' in page.text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf
+        made = client.post(base + "/create", data={
+            "csrf": csrf.group(1), "label": "door", "step": "30", "digits": "8",
+            "visitor_password": "open sesame"}, allow_redirects=False, timeout=10)
+        assert made.status_code == 303, made.text
+        doc = client.get(base + made.headers["Location"].replace(
+            "/entry", "/provisioning.json"), timeout=10).json()
+        entry = client.get(base + made.headers["Location"], timeout=10).text
+        assert re.search(r'id="visitors">checked: they log in as', entry)
         # The page's files point at this relay: its recorded host, the port it listens on.
         record = json.loads((data / "relay.json").read_text())
         assert (doc["server"]["host"], doc["server"]["port"]) == (record["host"], relay.port)
@@ -512,37 +518,33 @@ def test_a_bad_proxy_option_is_refused_everywhere(tmp_path: Path) -> None:
 
 def test_the_admin_form_records_the_proxy_option(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    admin_port = free_port()
-    with serve(tmp_path, data, "--admin", f"127.0.0.1:{admin_port}") as relay:
-        wait_for_port("127.0.0.1", admin_port, START_TIMEOUT, relay.proc)
-        base = f"http://127.0.0.1:{admin_port}"
-        with requests.Session() as client:
-            page = client.get(base + "/", timeout=10)
-            assert re.search(r'<option value="0" selected>none</option>', page.text)
-            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
-            assert csrf
-            for bad in ("3", "-1", "two"):
-                refused = client.post(base + "/create", data={
-                    "csrf": csrf.group(1), "label": "bad", "proxy_protocol": bad},
-                    allow_redirects=False, timeout=10)
-                assert refused.status_code == 400 and "proxy_protocol" in refused.text
-            made = client.post(base + "/create", data={
-                "csrf": csrf.group(1), "label": "door", "proxy_protocol": "2"},
+    with admin_page(tmp_path, data) as (relay, base, client):
+        page = client.get(base + "/", timeout=10)
+        assert re.search(r'<option value="0" selected>none</option>', page.text)
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf
+        for bad in ("3", "-1", "two"):
+            refused = client.post(base + "/create", data={
+                "csrf": csrf.group(1), "label": "bad", "proxy_protocol": bad},
                 allow_redirects=False, timeout=10)
-            assert made.status_code == 303, made.text
-            doc = client.get(base + made.headers["Location"].replace(
-                "/entry", "/provisioning.json"), timeout=10).json()
-            assert doc["proxyProtocol"] == 2
-            entry = client.get(base + made.headers["Location"], timeout=10).text
-            assert re.search(r'id="proxy-protocol">v2: ', entry)
-            # The page's rotation keeps it.
-            rotated = client.post(base + "/rotate", data={"csrf": csrf.group(1),
-                                                          "id": doc["uuid"]},
-                                  allow_redirects=False, timeout=10)
-            assert rotated.status_code == 303, rotated.text
-            again = client.get(base + "/provisioning.json", params={"id": doc["uuid"]},
-                               timeout=10).json()
-            assert again["proxyProtocol"] == 2
-            assert again["authParams"]["base32"] != doc["authParams"]["base32"]
+            assert refused.status_code == 400 and "proxy_protocol" in refused.text
+        made = client.post(base + "/create", data={
+            "csrf": csrf.group(1), "label": "door", "proxy_protocol": "2"},
+            allow_redirects=False, timeout=10)
+        assert made.status_code == 303, made.text
+        doc = client.get(base + made.headers["Location"].replace(
+            "/entry", "/provisioning.json"), timeout=10).json()
+        assert doc["proxyProtocol"] == 2
+        entry = client.get(base + made.headers["Location"], timeout=10).text
+        assert re.search(r'id="proxy-protocol">v2: ', entry)
+        # The page's rotation keeps it.
+        rotated = client.post(base + "/rotate", data={"csrf": csrf.group(1),
+                                                      "id": doc["uuid"]},
+                              allow_redirects=False, timeout=10)
+        assert rotated.status_code == 303, rotated.text
+        again = client.get(base + "/provisioning.json", params={"id": doc["uuid"]},
+                           timeout=10).json()
+        assert again["proxyProtocol"] == 2
+        assert again["authParams"]["base32"] != doc["authParams"]["base32"]
         assert [line for line in relay.users("list").out.splitlines() if "bad" in line] == []
         assert "PROXY:    v2" in relay.users("show", doc["uuid"]).out

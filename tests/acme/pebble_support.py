@@ -10,7 +10,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 import requests
+import support
 from harness import ServerThread
 from support import free_port, stop_process, tail, wait_for_port
 
@@ -144,8 +144,4 @@ class PebbleTrustingRelay(ServerThread):
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    support.wait_for(predicate, what, timeout, interval=0.1)  # (ACME steps take seconds)

@@ -21,14 +21,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import requests
 from harness import HiddenHTTPService
 from prometheus_client.parser import text_string_to_metric_families
-from support import free_port
+from support import free_port, wait_for
 from test_cluster import Node, add_entry, digest_client, running_nodes
 
 from rendezvous.registry import Entry
@@ -47,13 +46,6 @@ def internal(node: Node) -> dict[str, int]:
     counts: dict[str, int] = status(node)["cluster"]
     return counts
 
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)
 
 
 def send_request(node: Node, entry: Entry, path: str,
@@ -90,6 +82,15 @@ def answer_one(hidden: ssl.SSLSocket) -> bytes:
     hidden.sendall(ANSWER)
     hidden.close()
     return head
+
+
+def pair_once(holder: Node, entry_node: Node, entry: Entry, path: str) -> None:
+    """Park one connection on ``holder`` and pair it with a client entering at ``entry_node``."""
+    hidden = holder.park(entry)
+    holder.wait_parked(entry.uuid, 1)
+    client = send_request(entry_node, entry, path)
+    assert answer_one(hidden).startswith(f"GET {path} ".encode())
+    assert read_all(client).startswith(b"HTTP/1.1 200")
 
 
 def test_forwarded_clients_share_one_link(tmp_path: Path, redis_url: str) -> None:
@@ -145,11 +146,7 @@ def test_a_hidden_server_that_moved_costs_one_refused_probe(tmp_path: Path,
     with running_nodes(tmp_path, redis_url, "ABC") as nodes:
         a, b, c = nodes["A"], nodes["B"], nodes["C"]
         entry = add_entry(redis_url)
-        hidden = a.park(entry)
-        a.wait_parked(entry.uuid, 1)
-        client = send_request(b, entry, "/on-a")
-        assert answer_one(hidden).startswith(b"GET /on-a ")
-        assert read_all(client).startswith(b"HTTP/1.1 200")
+        pair_once(a, b, entry, "/on-a")
         # The hidden server now parks on C only. B still remembers A: A refuses at once (it
         # has nothing parked), B asks Redis, and C serves the client.
         hidden = c.park(entry)
@@ -189,11 +186,7 @@ def test_a_killed_node_takes_its_link_and_route_with_it(tmp_path: Path,
     with running_nodes(tmp_path, redis_url, "ABC") as nodes:
         a, b, c = nodes["A"], nodes["B"], nodes["C"]
         entry = add_entry(redis_url)
-        hidden = a.park(entry)
-        a.wait_parked(entry.uuid, 1)
-        client = send_request(b, entry, "/before")
-        assert answer_one(hidden).startswith(b"GET /before ")
-        assert read_all(client).startswith(b"HTTP/1.1 200")
+        pair_once(a, b, entry, "/before")
         assert internal(b)["links"] == 1
         assert a.proc is not None
         a.proc.send_signal(signal.SIGKILL)
@@ -203,11 +196,7 @@ def test_a_killed_node_takes_its_link_and_route_with_it(tmp_path: Path,
         # at A, which cannot be reached: with the hidden server parked nowhere else the
         # client gets the 404 after --pair-wait.
         assert get_through(b, entry, "/meanwhile").startswith(b"HTTP/1.1 404")
-        hidden = c.park(entry)
-        c.wait_parked(entry.uuid, 1)
-        client = send_request(b, entry, "/after")
-        assert answer_one(hidden).startswith(b"GET /after ")
-        assert read_all(client).startswith(b"HTTP/1.1 200")
+        pair_once(c, b, entry, "/after")
         assert internal(b)["links"] == 1  # the one to C
 
 
@@ -249,11 +238,7 @@ def test_the_links_are_on_the_admin_pages_metrics(tmp_path: Path, redis_url: str
         a, b = nodes["A"], nodes["B"]
         entry = add_entry(redis_url)
         for path in ("/one", "/two"):
-            hidden = a.park(entry)
-            a.wait_parked(entry.uuid, 1)
-            client = send_request(b, entry, path)
-            answer_one(hidden)
-            assert read_all(client).startswith(b"HTTP/1.1 200")
+            pair_once(a, b, entry, path)
         answer = requests.get(f"http://127.0.0.1:{admin}/metrics", timeout=10)
         assert answer.status_code == 200
         samples = {sample.name: sample.value
