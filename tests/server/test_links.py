@@ -305,3 +305,21 @@ def test_after_goaway_new_streams_take_a_new_link_and_old_ones_finish() -> None:
             assert not after.lost.is_set()
 
     run(main())
+
+
+def test_a_probe_whose_link_dies_unanswered_is_not_taken_for_a_refusal() -> None:
+    # The other node may have passed the request on already: None (unknown), never False,
+    # so the forwarding node does not send the same request somewhere else.
+    def make(stream: LinkStream) -> asyncio.Protocol:
+        link = stream.get_extra_info("link")
+        link.loop.call_soon(link.transport.abort)  # that node dies before answering
+        return Recorder()
+
+    async def main() -> None:
+        async with listening(Acceptor(make=make)) as acceptor:
+            protocol = await dialer().open_stream(acceptor.address, Recorder, probe=True)
+            assert protocol.transport is not None and protocol.transport.answer is not None
+            assert await asyncio.wait_for(protocol.transport.answer, 5) is None
+            await asyncio.wait_for(protocol.lost.wait(), 5)
+
+    run(main())

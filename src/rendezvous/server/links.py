@@ -71,7 +71,9 @@ class LinkStream(asyncio.Transport):
         self._closing = False  # close() asked: flush, then CLOSE
         self._closed = False  # CLOSE sent or received, or the link died
         self._unanswered = probe and not answer  # acceptor: a probe not yet taken
-        self.answer: asyncio.Future[bool] | None = (
+        # True: taken; False: refused (nothing of it reached anyone); None: the link died first,
+        # and whether the other node had taken it is unknown, so it must not go elsewhere.
+        self.answer: asyncio.Future[bool | None] | None = (
             link.loop.create_future() if probe and answer else None)
 
     # asyncio.Transport -------------------------------------------------------------------
@@ -162,10 +164,12 @@ class LinkStream(asyncio.Transport):
     # Acceptor: answering a probe -----------------------------------------------------------
 
     def accept(self) -> None:
-        """Take the probed client (before anything of it is written): the dialer links it."""
+        """Take the probed client (before anything of it is written): the dialer links it.
+        Sent at once, not with the loop turn's other frames: the sooner the dialer knows."""
         if self._unanswered:
             self._unanswered = False
             self.link.send(mux.frame(mux.ACCEPT, self.id))
+            self.link.flush()
 
     # Frames from the link -----------------------------------------------------------------
 
@@ -232,6 +236,8 @@ class LinkStream(asyncio.Transport):
             return
         self._drop_pending()
         self._inbox.clear()
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_result(None)
         self._finish(send_close=False, exc=exc)
 
     # Internals ---------------------------------------------------------------------------
@@ -416,6 +422,10 @@ class Link(asyncio.Protocol):
         self._out.append(payload)
         if len(payload) >= WRITE_AT_ONCE:
             self._write_out()
+
+    def flush(self) -> None:
+        """Write what is queued now rather than at the end of the loop's turn."""
+        self._write_out()
 
     def _write_out(self) -> None:
         out, self._out = self._out, []

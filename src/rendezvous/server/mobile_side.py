@@ -151,6 +151,14 @@ class MobileSide(LegBase):
             stream = cast(LinkStream, outbound.transport)
             assert stream.answer is not None
             taken = await stream.answer
+            if taken is None:
+                # The link died before the answer: that node may have passed the request on
+                # already, so it is not sent anywhere else (no request runs twice). As with a
+                # pairing cut by a dying node, the client's connection is closed.
+                cluster.forget_route(self.uuid)
+                if self.state == WAITING:
+                    self._close()
+                return True
             cluster.route_answered(self.uuid, taken)
             if not taken:
                 self._wait_again()
